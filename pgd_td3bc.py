@@ -1,0 +1,836 @@
+"""Policy-Guided Diffusion (Jackson et al., 2024, arXiv 2404.06356) with TD3+BC, in one file.
+
+1. Train (or reuse) a trajectory diffuser: EDM on windows of [obs, arctanh(action), reward, terminal] from a Minari
+   dataset, with a 1-D temporal U-Net.
+2. Train TD3+BC on batches that are mostly synthetic: whole trajectories sampled with the guided EDM sampler, the
+   actions pushed along grad_a log pi(a|s) of the *current* policy (the behaviour-policy term is omitted), and
+   regenerated every `--regenerate-every` steps.
+3. Evaluate in the dataset's eval env (deterministic actions, D4RL-normalised score x100).
+
+Baselines from flags: real data only (`--synthetic-ratio 0`), unguided diffusion (`--guidance-coef 0`, SynthER-style).
+Usage: python pgd_td3bc.py --env-id walker2d-medium-replay
+`diff pgd_iql.py pgd_td3bc.py` shows only the agent: blocks between `# SHARED BEGIN: x` and `# SHARED END: x` are
+kept word for word identical across the scripts (a test checks it).
+"""
+# SHARED BEGIN: imports
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+# SHARED END: imports
+
+
+@dataclass
+class Args:
+    # SHARED BEGIN: args
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (numpy, torch, sampler noise, evaluation episodes)"""
+    env_id: str = "hopper-medium-replay"
+    """dataset: a short name of collect_datasets.py's table (e.g. `walker2d-medium-replay`) or a Minari id"""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """torch device"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic algorithms where available"""
+    runs_root: str = "runs"
+    """folder for the run directories `{runs_root}/{env}__{exp}__{seed}__{time}`"""
+    track: bool = False
+    """if toggled, log to Weights and Biases (imported only then)"""
+    wandb_project_name: str = "pgd"
+    """the wandb project name"""
+    save_model: bool = False
+    """if toggled, save the final agent (and its policy checkpoint for pets_baseline.py) to the run dir"""
+
+    # Data
+    horizon: int = 32
+    """length of the trajectory windows the diffuser models"""
+    window_stride: int = 8
+    """stride between windows of an episode"""
+    val_fraction: float = 0.05
+    """fraction of episodes held out for the diffuser's validation loss"""
+
+    # Diffuser (EDM, 1-D temporal U-Net)
+    paper_scale: bool = False
+    """if toggled, diffuser/sampler fields still at their defaults take the paper-scale (GPU) values of PAPER_SCALE"""
+    diffuser_channels: int = 64
+    """U-Net width (features of the first level)"""
+    diffuser_mults: tuple[int, ...] = (1, 2, 2)
+    """U-Net channel multiplier per level (one level per entry; the horizon must divide by 2**(levels-1))"""
+    diffuser_kernel_size: int = 3
+    """temporal convolution kernel size"""
+    diffuser_steps: int = 20_000
+    """diffuser training steps"""
+    diffuser_batch_size: int = 64
+    """diffuser batch size (windows)"""
+    diffuser_lr: float = 3e-4
+    """diffuser peak learning rate (Adam; linear warmup then cosine decay)"""
+    diffuser_warmup: int = 500
+    """learning-rate warmup steps"""
+    ema_decay: float = 0.999
+    """EMA decay of the diffuser weights used for sampling"""
+    sigma_data: float = 0.5
+    """EDM sigma_data (Table 1)"""
+    P_mean: float = -1.2
+    """EDM training noise distribution: ln(sigma) ~ N(P_mean, P_std^2)"""
+    P_std: float = 1.2
+    """EDM training noise distribution: ln(sigma) ~ N(P_mean, P_std^2)"""
+    diffuser_checkpoint: Optional[str] = None
+    """reuse this diffuser checkpoint instead of the cache"""
+    diffuser_cache_dir: str = "checkpoints/diffusers"
+    """diffusers are cached here by (dataset id, diffuser config, seed) so seeds/agents can share them"""
+
+    # Guided EDM sampler
+    sampler_steps: int = 64
+    """Heun steps of the EDM sampler"""
+    sigma_min: float = 0.002
+    """smallest noise level of the Karras schedule"""
+    sigma_max: float = 80.0
+    """largest noise level of the Karras schedule"""
+    rho: float = 7.0
+    """Karras schedule exponent (EDM Eq. 5)"""
+    S_churn: float = 80.0
+    """EDM stochasticity (Algorithm 2)"""
+    S_tmin: float = 0.05
+    """churn only for sigma in [S_tmin, S_tmax]"""
+    S_tmax: float = 50.0
+    """churn only for sigma in [S_tmin, S_tmax]"""
+    S_noise: float = 1.003
+    """churn noise inflation"""
+    guidance_coef: float = 0.1
+    """policy-guidance coefficient lambda (0: unguided diffusion, SynthER-style)"""
+    guidance_cosine: float = 0.3
+    """c in lambda_i = coef * (1 - i/N + c * sin(pi (i+1) / N))"""
+    normalize_guidance: bool = True
+    """divide the guidance gradient by its norm per trajectory, g / (||g|| + 1e-8), so coef is a step length"""
+    guide_on_denoised: bool = False
+    """evaluate the policy gradient at the denoised estimate instead of the noisy sample"""
+    sample_batch_size: int = 256
+    """trajectories sampled per batch"""
+    compile: bool = torch.cuda.is_available()
+    """torch.compile the sampler step (default: on with CUDA)"""
+
+    # Offline RL loop
+    total_steps: int = 1_000_000
+    """agent gradient steps"""
+    batch_size: int = 256
+    """agent batch size"""
+    synthetic_ratio: float = 240 / 256
+    """fraction of each batch drawn from synthetic data (0: real data only)"""
+    num_synthetic: int = 100_000
+    """synthetic transitions per regeneration"""
+    regenerate_every: int = 100_000
+    """regenerate the synthetic set from the current policy every this many steps (the first set is unguided)"""
+    eval_every: int = 10_000
+    """evaluate every this many steps"""
+    eval_episodes: int = 10
+    """evaluation episodes (vectorised)"""
+    log_every: int = 1_000
+    """log losses every this many steps"""
+    # SHARED END: args
+
+    # Agent (TD3+BC)
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target network polyak rate"""
+    learning_rate: float = 3e-4
+    """learning rate of actor and critics"""
+    hidden_dim: int = 256
+    """hidden width of the MLPs"""
+    alpha: float = 2.5
+    """TD3+BC weight: actor loss = -alpha / mean|Q| * Q(s, pi(s)) + (pi(s) - a)^2"""
+    policy_noise: float = 0.2
+    """std of the target policy smoothing noise"""
+    noise_clip: float = 0.5
+    """clip of the target policy smoothing noise"""
+    policy_freq: int = 2
+    """actor (and target) update every this many critic updates"""
+    normalize_obs: bool = True
+    """normalise observations with the real dataset's mean/std"""
+
+
+# SHARED BEGIN: datasets
+# Short dataset names (D4RL style) -> Minari dataset ids. `mujoco/<env>/{medium,expert}-v0` also exist on Minari's
+# remote store; `random`, `medium-replay` and `medium-expert` exist only when built by collect_datasets.py.
+DATASETS = {
+    **{f"{env}-{level}": f"mujoco/{env}/{level}-v0" for env in ("halfcheetah", "hopper", "walker2d")
+       for level in ("random", "medium", "medium-replay", "expert", "medium-expert")},
+    **{f"maze2d-{maze}": f"D4RL/pointmaze/{maze}-v2" for maze in ("umaze", "medium", "large")},
+}
+
+
+def load_dataset(env_id: str):
+    """The Minari dataset behind a short name (`hopper-medium-replay`) or a full Minari id: local store first,
+    then Minari's remote store; a clear error naming the collector command when neither has it."""
+    import minari
+    if env_id not in DATASETS and "/" not in env_id:
+        raise SystemExit(f"error: unknown --env-id {env_id!r}; use one of {', '.join(DATASETS)} or a Minari id")
+    dataset_id = DATASETS.get(env_id, env_id)
+    if dataset_id in minari.list_local_datasets():
+        return minari.load_dataset(dataset_id)
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except Exception as e:  # network down, or Minari has no such remote dataset
+        raise SystemExit(f"error: Minari dataset {dataset_id!r} is not in the local store and could not be downloaded "
+                         f"({type(e).__name__}); build it here with: python collect_datasets.py --env-id {env_id}") from None
+
+
+def flatten_obs(obs, space: gym.Space) -> np.ndarray:
+    """Dict observations (PointMaze) -> one flat array, keys in the space's order; Box observations as they are."""
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([np.asarray(obs[k], dtype=np.float32).reshape(len(obs[k]), -1) for k in space.spaces], -1)
+    return np.asarray(obs, dtype=np.float32)
+
+
+def episodes_from_minari(dataset) -> list[dict]:
+    """Each episode as float32 arrays: obs [T+1, obs_dim], actions [T, act_dim], rewards/terminals/timeouts [T]."""
+    episodes = []
+    for ep in dataset.iterate_episodes():
+        e = dict(obs=flatten_obs(ep.observations, dataset.observation_space),
+                 actions=np.asarray(ep.actions, dtype=np.float32).reshape(len(ep.actions), -1),
+                 rewards=np.asarray(ep.rewards, dtype=np.float32),
+                 terminals=np.asarray(ep.terminations, dtype=np.float32),
+                 timeouts=np.asarray(ep.truncations, dtype=np.float32))
+        if not all(np.isfinite(v).all() for v in e.values()):
+            raise SystemExit(f"error: episode {ep.id} of {dataset.spec.dataset_id} has NaN/inf values; rebuild the dataset")
+        episodes.append(e)
+    if not episodes:
+        raise SystemExit(f"error: dataset {dataset.spec.dataset_id} has no episodes")
+    return episodes
+
+
+ACTION_CLIP = 1 - 1e-3  # actions are clipped to +-ACTION_CLIP before arctanh, so the diffused channel stays finite
+
+
+def make_windows(episodes: list[dict], horizon: int, stride: int) -> np.ndarray:
+    """Sub-trajectory windows [N, horizon, obs_dim + act_dim + 2] of rows [obs_t, arctanh(a_t), r_t, terminal_t].
+
+    Windows never cross an episode end. A window may end on a terminal (that last row still makes a transition, its
+    next state being irrelevant); windows whose last row is a timeout are dropped (that row's successor is unknown).
+    Terminated episodes always contribute the window that ends on the terminal."""
+    windows = []
+    for e in episodes:
+        T = len(e["actions"])
+        if T < horizon:
+            continue
+        rows = np.concatenate([e["obs"][:T], np.arctanh(np.clip(e["actions"], -ACTION_CLIP, ACTION_CLIP)),
+                               e["rewards"][:, None], e["terminals"][:, None]], 1)
+        starts = list(range(0, T - horizon + 1, stride))
+        if e["terminals"][-1] and starts[-1] != T - horizon:
+            starts.append(T - horizon)
+        if e["timeouts"][-1] and starts[-1] == T - horizon:
+            starts.pop()
+        windows += [rows[s:s + horizon] for s in starts]
+    if not windows:
+        raise SystemExit(f"error: no episode is at least --horizon {horizon} steps long; lower --horizon")
+    return np.stack(windows).astype(np.float32)
+
+
+def transitions_from_episodes(episodes: list[dict]) -> dict[str, np.ndarray]:
+    """All real transitions (s, a, r, s', done) of the dataset."""
+    cat = lambda key: np.concatenate([e[key] for e in episodes])  # noqa: E731
+    return dict(obs=np.concatenate([e["obs"][:-1] for e in episodes]), actions=cat("actions"), rewards=cat("rewards"),
+                next_obs=np.concatenate([e["obs"][1:] for e in episodes]), dones=cat("terminals"))
+
+
+def transitions_from_windows(x: torch.Tensor, obs_dim: int, act_dim: int) -> dict[str, torch.Tensor]:
+    """Unnormalised windows [N, H, obs+act+2] -> transitions (s_t, a_t, r_t, s_{t+1}, d_t).
+
+    Rows t < H-1 take s' from row t+1; the last row counts only if it is terminal. A row after the first terminal of
+    a window is not part of the trajectory and is dropped."""
+    obs, pre_act = x[..., :obs_dim], x[..., obs_dim:obs_dim + act_dim]
+    rewards, dones = x[..., -2], (x[..., -1] > 0.5).float()
+    after_terminal = (dones.cumsum(1) - dones) > 0
+    keep = ~after_terminal
+    keep[:, -1] &= dones[:, -1] > 0
+    next_obs = torch.cat([obs[:, 1:], obs[:, -1:]], 1)  # the last row's successor is never used (terminal or dropped)
+    return dict(obs=obs[keep], actions=torch.tanh(pre_act[keep]), rewards=rewards[keep], next_obs=next_obs[keep],
+                dones=dones[keep])
+
+
+class Normalizer(nn.Module):
+    """Per-channel z-scoring of the diffused windows."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    @classmethod
+    def fit(cls, windows: np.ndarray) -> "Normalizer":
+        flat = torch.as_tensor(windows).reshape(-1, windows.shape[-1])
+        return cls(flat.mean(0), flat.std(0).clamp(min=1e-3))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std + self.mean
+
+
+# SHARED END: datasets
+
+
+# SHARED BEGIN: diffuser
+class SigmaEmbedding(nn.Module):
+    """Sinusoidal embedding of c_noise = ln(sigma)/4 followed by an MLP."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(-math.log(10_000) * torch.arange(dim // 2) / (dim // 2)) * 1000)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, 4 * dim))
+
+    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+        angles = c_noise[:, None] * self.freqs
+        return self.mlp(torch.cat([angles.sin(), angles.cos()], -1))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, kernel_size: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.GroupNorm(min(8, c_in), c_in), nn.GroupNorm(min(8, c_out), c_out)
+        self.conv1 = nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2)
+        self.conv2 = nn.Conv1d(c_out, c_out, kernel_size, padding=kernel_size // 2)
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x))) + self.emb(emb)[:, :, None]
+        return self.conv2(F.silu(self.norm2(h))) + self.skip(x)
+
+
+class TemporalUNet(nn.Module):
+    """1-D U-Net over time: [B, H, C] -> [B, H, C]; two residual blocks per level, skip connections per level."""
+
+    def __init__(self, data_dim: int, channels: int, mults: tuple[int, ...], kernel_size: int):
+        super().__init__()
+        dims = [channels * m for m in mults]
+        emb_dim = 4 * channels
+        self.embed = SigmaEmbedding(channels)
+        self.inp = nn.Conv1d(data_dim, channels, kernel_size, padding=kernel_size // 2)
+        self.down, self.up = nn.ModuleList(), nn.ModuleList()
+        c_prev = channels
+        for i, c in enumerate(dims):
+            self.down.append(nn.ModuleList([ResidualBlock(c_prev, c, emb_dim, kernel_size),
+                                            ResidualBlock(c, c, emb_dim, kernel_size),
+                                            nn.Conv1d(c, c, 3, stride=2, padding=1) if i < len(dims) - 1 else nn.Identity()]))
+            c_prev = c
+        self.mid = nn.ModuleList([ResidualBlock(c_prev, c_prev, emb_dim, kernel_size) for _ in range(2)])
+        for i, c in reversed(list(enumerate(dims))):
+            c_next = dims[i - 1] if i > 0 else channels
+            self.up.append(nn.ModuleList([ResidualBlock(2 * c, c, emb_dim, kernel_size),
+                                          ResidualBlock(c, c_next, emb_dim, kernel_size),
+                                          nn.Upsample(scale_factor=2, mode="nearest") if i > 0 else nn.Identity()]))
+        self.out = nn.Sequential(nn.GroupNorm(min(8, channels), channels), nn.SiLU(),
+                                 nn.Conv1d(channels, data_dim, kernel_size, padding=kernel_size // 2))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        emb = self.embed(c_noise)
+        h = self.inp(x.transpose(1, 2))
+        skips = []
+        for block1, block2, downsample in self.down:
+            h = block2(block1(h, emb), emb)
+            skips.append(h)
+            h = downsample(h)
+        for block in self.mid:
+            h = block(h, emb)
+        for block1, block2, upsample in self.up:
+            h = upsample(block2(block1(torch.cat([h, skips.pop()], 1), emb), emb))
+        return self.out(h).transpose(1, 2)
+
+
+class EDMDenoiser(nn.Module):
+    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) with the preconditioning of EDM Table 1."""
+
+    def __init__(self, net: nn.Module, sigma_data: float):
+        super().__init__()
+        self.net, self.sigma_data = net, sigma_data
+
+    def preconditioning(self, sigma: torch.Tensor):
+        sd2, s2 = self.sigma_data ** 2, sigma ** 2
+        c_skip = sd2 / (s2 + sd2)
+        c_out = sigma * self.sigma_data / (s2 + sd2).sqrt()
+        c_in = 1 / (s2 + sd2).sqrt()
+        c_noise = sigma.log() / 4
+        return c_skip, c_out, c_in, c_noise
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sigma = sigma.reshape(-1).expand(x.shape[0])
+        c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
+        c_skip, c_out, c_in = (c[:, None, None] for c in (c_skip, c_out, c_in))
+        return c_skip * x + c_out * self.net(c_in * x, c_noise)
+
+
+def edm_loss(denoiser: EDMDenoiser, x: torch.Tensor, P_mean: float, P_std: float, noise=None, rnd_normal=None):
+    """EDM training loss: ln(sigma) ~ N(P_mean, P_std^2), weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2."""
+    rnd_normal = torch.randn(x.shape[0], device=x.device) if rnd_normal is None else rnd_normal
+    noise = torch.randn_like(x) if noise is None else noise
+    sigma = (rnd_normal * P_std + P_mean).exp()
+    sd = denoiser.sigma_data
+    weight = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
+    denoised = denoiser(x + noise * sigma[:, None, None], sigma)
+    return (weight[:, None, None] * (denoised - x) ** 2).mean()
+
+
+PAPER_SCALE = dict(diffuser_channels=128, diffuser_mults=(1, 2, 4), diffuser_kernel_size=5, diffuser_steps=100_000,
+                   diffuser_batch_size=256, sampler_steps=256, num_synthetic=1_000_000)
+DIFFUSER_FIELDS = ("horizon", "window_stride", "val_fraction", "diffuser_channels", "diffuser_mults",
+                   "diffuser_kernel_size", "diffuser_steps", "diffuser_batch_size", "diffuser_lr", "diffuser_warmup",
+                   "ema_decay", "sigma_data", "P_mean", "P_std", "seed")
+
+
+def build_denoiser(config: dict, data_dim: int) -> EDMDenoiser:
+    net = TemporalUNet(data_dim, config["diffuser_channels"], tuple(config["diffuser_mults"]), config["diffuser_kernel_size"])
+    return EDMDenoiser(net, config["sigma_data"])
+
+
+def atomic_torch_save(obj, path: str):
+    """Write to a temporary file next to `path`, then rename: a crash never leaves a half-written checkpoint."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def train_diffuser(args: Args, config: dict, windows: np.ndarray, val_windows: np.ndarray, writer: SummaryWriter,
+                   device: torch.device) -> tuple[EDMDenoiser, Normalizer]:
+    """EDM training with Adam (linear warmup + cosine decay); returns the EMA denoiser and the normaliser."""
+    normalizer = Normalizer.fit(windows).to(device)
+    data = normalizer.normalize(torch.as_tensor(windows, device=device))
+    val = normalizer.normalize(torch.as_tensor(val_windows, device=device))[:1024]
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    val_noise = torch.randn(val.shape, generator=gen, device=device)
+    val_rnd = torch.randn(val.shape[0], generator=gen, device=device)
+    denoiser = build_denoiser(config, data.shape[-1]).to(device)
+    ema = build_denoiser(config, data.shape[-1]).to(device).requires_grad_(False)
+    ema.load_state_dict(denoiser.state_dict())
+    optimizer = torch.optim.Adam(denoiser.parameters(), lr=args.diffuser_lr)
+    warmup, total = args.diffuser_warmup, args.diffuser_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, total - warmup)))))
+    print(f"training diffuser: {sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M params, "
+          f"{len(data)} windows of {tuple(data.shape[1:])}, {total} steps")
+    start = time.time()
+    bar = tqdm(range(total), desc="diffuser", mininterval=5, file=sys.stdout)
+    for step in bar:
+        idx = torch.randint(len(data), (args.diffuser_batch_size,), generator=gen, device=device)
+        loss = edm_loss(denoiser, data[idx], args.P_mean, args.P_std,
+                        noise=torch.randn(data[idx].shape, generator=gen, device=device),
+                        rnd_normal=torch.randn(len(idx), generator=gen, device=device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
+                p_ema.lerp_(p, 1 - args.ema_decay)
+        if step % 500 == 0 or step == total - 1:
+            loss = loss.item()
+            if not math.isfinite(loss):
+                raise SystemExit(f"error: diffusion loss is {loss} at step {step}; lower --diffuser-lr")
+            with torch.no_grad():
+                val_loss = edm_loss(ema, val, args.P_mean, args.P_std, noise=val_noise, rnd_normal=val_rnd).item()
+            writer.add_scalar("diffusion/train_loss", loss, step)
+            writer.add_scalar("diffusion/val_loss", val_loss, step)
+            writer.add_scalar("diffusion/SPS", (step + 1) / (time.time() - start), step)
+            bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}")
+    return ema, normalizer
+
+
+def get_diffuser(args: Args, dataset_id: str, windows: np.ndarray, val_windows: np.ndarray, writer: SummaryWriter,
+                 device: torch.device) -> tuple[EDMDenoiser, Normalizer]:
+    """Load the diffuser from --diffuser-checkpoint or the cache, else train it and cache it (atomically)."""
+    config = {k: getattr(args, k) for k in DIFFUSER_FIELDS}
+    if args.diffuser_checkpoint:
+        path = args.diffuser_checkpoint
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: --diffuser-checkpoint {path} does not exist")
+    else:
+        key = hashlib.sha1(json.dumps([dataset_id, config], sort_keys=True).encode()).hexdigest()[:10]
+        path = os.path.join(args.diffuser_cache_dir, f"{dataset_id.replace('/', '_')}__{key}__seed{args.seed}.pt")
+    if os.path.isfile(path):
+        ckpt = torch.load(path, map_location=device)
+        if ckpt["data_dim"] != windows.shape[-1]:
+            raise SystemExit(f"error: diffuser {path} models {ckpt['data_dim']} channels, dataset {dataset_id} has "
+                             f"{windows.shape[-1]}; pass the checkpoint of this dataset")
+        denoiser = build_denoiser(ckpt["config"], ckpt["data_dim"]).to(device)
+        denoiser.load_state_dict(ckpt["ema"])
+        normalizer = Normalizer(ckpt["mean"], ckpt["std"]).to(device)
+        print(f"loaded diffuser {path}")
+        return denoiser.requires_grad_(False), normalizer
+    denoiser, normalizer = train_diffuser(args, config, windows, val_windows, writer, device)
+    atomic_torch_save(dict(ema=denoiser.state_dict(), mean=normalizer.mean, std=normalizer.std, config=config,
+                           data_dim=windows.shape[-1], dataset_id=dataset_id), path)
+    print(f"saved diffuser {path}")
+    return denoiser, normalizer
+
+
+# SHARED END: diffuser
+
+
+# SHARED BEGIN: sampler
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
+    """Noise levels t_0 > ... > t_{N-1} of EDM Eq. 5, and t_N = 0 (float64)."""
+    i = torch.arange(num_steps, dtype=torch.float64)
+    t = (sigma_max ** (1 / rho) + i / max(1, num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+
+
+def guidance_schedule(num_steps: int, coef: float, cosine: float) -> torch.Tensor:
+    """lambda_i = coef * (1 - i/N + c sin(pi (i+1)/N)) for the step i -> i+1; none on the final step (to t_N = 0)."""
+    i = torch.arange(num_steps, dtype=torch.float64)
+    lam = coef * (1 - i / num_steps + cosine * torch.sin(math.pi * (i + 1) / num_steps))
+    lam[-1] = 0.0
+    return lam
+
+
+class GuidedEDMSampler(nn.Module):
+    """EDM stochastic sampler (Algorithm 2: Heun with churn) over normalised windows, with policy guidance on the
+    action channels: after each step i (but the last), a <- a + lambda_i * g with g = grad_a log pi(tanh(unnorm a) |
+    unnorm s), optionally normalised per trajectory. `log_prob_fn(obs, action) -> [B, H]` is the target policy's
+    log-likelihood in environment units; None samples unguided."""
+
+    def __init__(self, denoiser: EDMDenoiser, normalizer: Normalizer, obs_dim: int, act_dim: int, args: Args,
+                 log_prob_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None):
+        super().__init__()
+        self.denoiser, self.normalizer, self.log_prob_fn = denoiser, normalizer, log_prob_fn
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.num_steps, self.S_noise = args.sampler_steps, args.S_noise
+        self.normalize_guidance, self.guide_on_denoised = args.normalize_guidance, args.guide_on_denoised
+        self.t_steps = karras_sigmas(args.sampler_steps, args.sigma_min, args.sigma_max, args.rho)
+        in_churn = (self.t_steps[:-1] >= args.S_tmin) & (self.t_steps[:-1] <= args.S_tmax)
+        self.gammas = torch.where(in_churn, min(args.S_churn / args.sampler_steps, math.sqrt(2) - 1), 0.0)
+        self.lambdas = guidance_schedule(args.sampler_steps, args.guidance_coef, args.guidance_cosine)
+        self.step_fn = torch.compile(self.step, fullgraph=True, dynamic=False) if args.compile else self.step
+
+    def action_score(self, x: torch.Tensor) -> torch.Tensor:
+        """grad of sum_t log pi(tanh(unnorm a_t) | unnorm s_t) w.r.t. the normalised action channels [B, H, act_dim]."""
+        o, a = slice(0, self.obs_dim), slice(self.obs_dim, self.obs_dim + self.act_dim)
+        obs = x[..., o] * self.normalizer.std[o] + self.normalizer.mean[o]
+
+        def log_likelihood(a_norm: torch.Tensor) -> torch.Tensor:
+            action = torch.tanh(a_norm * self.normalizer.std[a] + self.normalizer.mean[a])
+            return self.log_prob_fn(obs, action).sum()
+
+        return torch.func.grad(log_likelihood)(x[..., a])
+
+    def guide(self, x: torch.Tensor, x_eval: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        g = self.action_score(x_eval)
+        if self.normalize_guidance:
+            g = g / (g.flatten(1).norm(dim=1)[:, None, None] + 1e-8)
+        a0, a1 = self.obs_dim, self.obs_dim + self.act_dim
+        return torch.cat([x[..., :a0], x[..., a0:a1] + lam * g, x[..., a1:]], -1)
+
+    def step(self, x: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor, gamma: torch.Tensor, lam: torch.Tensor,
+             noise: torch.Tensor, last: bool) -> torch.Tensor:
+        """One step of EDM Algorithm 2 (lines 4-11), then guidance."""
+        t_hat = t_cur + gamma * t_cur  # line 5: raise the noise level by the churn
+        x_hat = x + (t_hat ** 2 - t_cur ** 2).sqrt() * self.S_noise * noise  # line 6
+        d_cur = (x_hat - self.denoiser(x_hat, t_hat)) / t_hat  # line 7
+        x_next = x_hat + (t_next - t_hat) * d_cur  # line 8: Euler step from x_hat (not from the pre-churn x)
+        if last:  # line 9: t_next = 0, no second-order correction and no guidance
+            return x_next
+        denoised = self.denoiser(x_next, t_next)
+        d_prime = (x_next - denoised) / t_next  # line 10
+        x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)  # line 11
+        if self.log_prob_fn is None:
+            return x_next
+        return self.guide(x_next, denoised if self.guide_on_denoised else x_next, lam)
+
+    @torch.no_grad()
+    def forward(self, batch_size: int, horizon: int, generator: torch.Generator) -> torch.Tensor:
+        """Sample `batch_size` normalised windows [B, horizon, C]; all noise comes from `generator` (CPU)."""
+        device = self.normalizer.mean.device
+        shape = (batch_size, horizon, self.normalizer.mean.shape[0])
+        t, gammas, lambdas = (v.to(device, torch.float32) for v in (self.t_steps, self.gammas, self.lambdas))
+        x = torch.randn(shape, generator=generator).to(device) * t[0]
+        for i in range(self.num_steps):
+            noise = torch.randn(shape, generator=generator).to(device)
+            x = self.step_fn(x, t[i], t[i + 1], gammas[i], lambdas[i], noise, i == self.num_steps - 1)
+        return x
+
+
+def generate_synthetic(sampler: GuidedEDMSampler, num_transitions: int, horizon: int, batch_size: int,
+                       generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Sample windows until `num_transitions` transitions are collected; returns them (env units) on the device."""
+    chunks, count = [], 0
+    bar = tqdm(total=num_transitions, desc="sampling", mininterval=5, file=sys.stdout, leave=False)
+    while count < num_transitions:
+        x = sampler.normalizer.unnormalize(sampler(batch_size, horizon, generator))
+        chunk = transitions_from_windows(x, sampler.obs_dim, sampler.act_dim)
+        if not all(torch.isfinite(v).all() for v in chunk.values()):
+            raise SystemExit("error: the sampler produced NaN/inf; lower --guidance-coef or retrain the diffuser")
+        chunks.append(chunk)
+        count += len(chunk["obs"])
+        bar.update(len(chunk["obs"]))
+    bar.close()
+    return {k: torch.cat([c[k] for c in chunks])[:num_transitions] for k in chunks[0]}
+
+
+# SHARED END: sampler
+
+
+# ALGO LOGIC: TD3+BC (Fujimoto & Gu, 2021)
+def mlp(in_dim: int, out_dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, out_dim))
+
+
+class Agent(nn.Module):
+    """TD3+BC: deterministic actor mu(s) = tanh(net(s)), twin Q with target policy smoothing, behaviour cloning term.
+    Observations are normalised inside (buffers), so every method takes env units.
+
+    Guidance needs a likelihood, and the actor is deterministic: as in the paper's code, pi(a|s) = N(a; mu(s), I), so
+    grad_a log pi = -(a - mu(s)) in action (tanh) space; the sampler chains it through the arctanh parameterisation.
+    With --normalize-guidance (default) only its direction matters, so one --guidance-coef means the same step length
+    for IQL (whose Gaussian has a learned, usually small std) and TD3+BC."""
+
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, stats: dict):
+        super().__init__()
+        self.args = args
+        self.register_buffer("obs_mean", torch.as_tensor(stats["obs_mean"]) if args.normalize_obs else torch.zeros(obs_dim))
+        self.register_buffer("obs_std", torch.as_tensor(stats["obs_std"]) if args.normalize_obs else torch.ones(obs_dim))
+        self.actor = mlp(obs_dim, act_dim, args.hidden_dim)
+        self.q1, self.q2 = mlp(obs_dim + act_dim, 1, args.hidden_dim), mlp(obs_dim + act_dim, 1, args.hidden_dim)
+        self.actor_target, self.q1_target, self.q2_target = (
+            mlp(d, o, args.hidden_dim).requires_grad_(False) for d, o in ((obs_dim, act_dim), (obs_dim + act_dim, 1), (obs_dim + act_dim, 1)))
+        for target_net, net in self.target_pairs():
+            target_net.load_state_dict(net.state_dict())
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate)
+        self.q_optimizer = torch.optim.Adam([*self.q1.parameters(), *self.q2.parameters()], lr=args.learning_rate)
+        self.num_updates, self.actor_loss, self.bc_loss = 0, torch.zeros(()), torch.zeros(())
+
+    def target_pairs(self):
+        return (self.actor_target, self.actor), (self.q1_target, self.q1), (self.q2_target, self.q2)
+
+    def norm(self, obs: torch.Tensor) -> torch.Tensor:
+        return (obs - self.obs_mean) / self.obs_std
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        """Deterministic action mu(s) for evaluation."""
+        return torch.tanh(self.actor(self.norm(obs)))
+
+    def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """log N(a; mu(s), I) summed over action dims, any leading shape; used for guidance and diagnostics."""
+        return -0.5 * ((action - self.act(obs)) ** 2 + math.log(2 * math.pi)).sum(-1)
+
+    def update(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        obs, next_obs, actions = self.norm(b["obs"]), self.norm(b["next_obs"]), b["actions"]
+        with torch.no_grad():  # target policy smoothing, clipped double Q
+            noise = (torch.randn_like(actions) * self.args.policy_noise).clamp(-self.args.noise_clip, self.args.noise_clip)
+            next_actions = (torch.tanh(self.actor_target(next_obs)) + noise).clamp(-1, 1)
+            next_sa = torch.cat([next_obs, next_actions], -1)
+            next_q = torch.min(self.q1_target(next_sa), self.q2_target(next_sa)).squeeze(-1)
+            target = b["rewards"] + self.args.gamma * (1 - b["dones"]) * next_q
+        sa = torch.cat([obs, actions], -1)
+        q_loss = F.mse_loss(self.q1(sa).squeeze(-1), target) + F.mse_loss(self.q2(sa).squeeze(-1), target)
+        self.q_optimizer.zero_grad(set_to_none=True)
+        q_loss.backward()
+        self.q_optimizer.step()
+        self.num_updates += 1
+        if self.num_updates % self.args.policy_freq == 0:  # delayed actor: -lambda Q(s, pi(s)) + BC
+            pi = torch.tanh(self.actor(obs))
+            q = self.q1(torch.cat([obs, pi], -1))
+            lmbda = self.args.alpha / q.abs().mean().detach()
+            bc_loss = F.mse_loss(pi, actions)
+            actor_loss = -lmbda * q.mean() + bc_loss
+            self.actor_optimizer.zero_grad(set_to_none=True)
+            actor_loss.backward()
+            self.actor_optimizer.step()
+            self.actor_loss, self.bc_loss = actor_loss.detach(), bc_loss.detach()
+            with torch.no_grad():
+                for target_net, net in self.target_pairs():
+                    for p_t, p in zip(target_net.parameters(), net.parameters()):
+                        p_t.lerp_(p, self.args.tau)
+        return {"losses/qf_loss": q_loss.detach(), "losses/actor_loss": self.actor_loss, "losses/bc_loss": self.bc_loss}
+
+    def policy_checkpoint(self) -> dict:
+        """A standalone description of the target policy (for pets_baseline.py)."""
+        return dict(kind="td3bc_deterministic", obs_dim=self.obs_mean.shape[0], act_dim=self.actor[-1].out_features,
+                    hidden=[self.args.hidden_dim] * 2, state_dict=self.actor.state_dict(), obs_mean=self.obs_mean,
+                    obs_std=self.obs_std)
+
+
+# SHARED BEGIN: evaluation
+@torch.no_grad()
+def evaluate(act_fn: Callable[[torch.Tensor], torch.Tensor], dataset, num_episodes: int, seed: int,
+             device: torch.device) -> np.ndarray:
+    """Returns of `num_episodes` deterministic episodes in the dataset's eval env (one vector env, each sub-env runs
+    one episode)."""
+    def make_env():
+        env = dataset.recover_environment(eval_env=True)
+        return gym.wrappers.FlattenObservation(env) if isinstance(env.observation_space, gym.spaces.Dict) else env
+
+    envs = gym.vector.SyncVectorEnv([make_env for _ in range(num_episodes)])
+    obs, _ = envs.reset(seed=[seed + i for i in range(num_episodes)])
+    returns, done = np.zeros(num_episodes), np.zeros(num_episodes, dtype=bool)
+    while not done.all():
+        action = act_fn(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+        obs, reward, terminated, truncated, _ = envs.step(action)
+        returns += reward * ~done
+        done |= terminated | truncated
+    envs.close()
+    return returns
+
+
+def normalized_score(dataset, returns: np.ndarray) -> np.ndarray:
+    """D4RL-normalised score x100 (raw returns if the dataset carries no reference scores)."""
+    import minari
+    try:
+        return 100 * minari.get_normalized_score(dataset, returns)
+    except ValueError:
+        return returns
+
+
+# SHARED END: evaluation
+
+
+# SHARED BEGIN: main
+def make_run_dir(args: Args) -> str:
+    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.runs_root, run_name)
+    try:
+        os.makedirs(run_dir, exist_ok=False)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create run dir {run_dir} ({e.strerror}); pass a writable --runs-root") from None
+    return run_dir
+
+
+def main(args: Args):
+    if args.paper_scale:
+        defaults = Args()
+        for k, v in PAPER_SCALE.items():
+            if getattr(args, k) == getattr(defaults, k):
+                setattr(args, k, v)
+    if not 0 <= args.synthetic_ratio <= 1:
+        raise SystemExit(f"error: --synthetic-ratio must be in [0, 1], got {args.synthetic_ratio}")
+    if args.horizon % 2 ** (len(args.diffuser_mults) - 1):
+        raise SystemExit(f"error: --horizon {args.horizon} must divide by 2**(levels-1) = {2 ** (len(args.diffuser_mults) - 1)}")
+    dataset = load_dataset(args.env_id)
+    dataset_id = dataset.spec.dataset_id
+    run_dir = make_run_dir(args)
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=os.path.basename(run_dir),
+                   save_code=True)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device(args.device)
+
+    # data: real transitions, and windows for the diffuser (validation split by episodes)
+    episodes = episodes_from_minari(dataset)
+    rng = np.random.default_rng(args.seed)
+    val_mask = rng.random(len(episodes)) < args.val_fraction
+    if val_mask.all() or not val_mask.any():
+        val_mask[:] = False
+        val_mask[rng.integers(len(episodes))] = len(episodes) > 1
+    real = {k: torch.as_tensor(v, device=device) for k, v in transitions_from_episodes(episodes).items()}
+    obs_dim, act_dim = real["obs"].shape[1], real["actions"].shape[1]
+    returns = np.array([e["rewards"].sum() for e in episodes])
+    stats = dict(obs_mean=real["obs"].mean(0).cpu(), obs_std=real["obs"].std(0).clamp(min=1e-3).cpu(),
+                 return_min=float(returns.min()), return_max=float(returns.max()))
+    print(f"{dataset_id}: {len(episodes)} episodes, {len(real['obs'])} transitions, obs_dim {obs_dim}, act_dim {act_dim}")
+
+    # diffuser
+    synthetic, sampler, guided_sampler = None, None, None
+    gen = torch.Generator().manual_seed(args.seed)
+    n_synthetic = round(args.batch_size * args.synthetic_ratio)
+    if n_synthetic > 0:
+        train_eps = [e for e, v in zip(episodes, val_mask) if not v]
+        val_eps = [e for e, v in zip(episodes, val_mask) if v] or train_eps
+        windows = make_windows(train_eps, args.horizon, args.window_stride)
+        val_windows = make_windows(val_eps, args.horizon, args.window_stride) if val_mask.any() else windows
+        denoiser, normalizer = get_diffuser(args, dataset_id, windows, val_windows, writer, device)
+        sampler = GuidedEDMSampler(denoiser, normalizer, obs_dim, act_dim, args)
+
+    agent = Agent(obs_dim, act_dim, args, stats).to(device)
+    if sampler is not None and args.guidance_coef != 0:
+        guided_sampler = GuidedEDMSampler(sampler.denoiser, sampler.normalizer, obs_dim, act_dim, args, agent.log_prob)
+
+    # ALGO LOGIC: training loop
+    history, start = [], time.time()
+    bar = tqdm(range(1, args.total_steps + 1), desc="agent", mininterval=5, file=sys.stdout)
+    for step in bar:
+        if sampler is not None and (step - 1) % args.regenerate_every == 0:
+            t0 = time.time()
+            use = guided_sampler if (guided_sampler is not None and synthetic is not None) else sampler
+            synthetic = generate_synthetic(use, args.num_synthetic, args.horizon, args.sample_batch_size, gen)
+            with torch.no_grad():
+                writer.add_scalar("synthetic/action_log_prob", agent.log_prob(synthetic["obs"], synthetic["actions"]).mean().item(), step)
+                writer.add_scalar("synthetic/real_action_log_prob", agent.log_prob(real["obs"], real["actions"]).mean().item(), step)
+            writer.add_scalar("synthetic/terminal_rate", synthetic["dones"].mean().item(), step)
+            writer.add_scalar("synthetic/reward_mean", synthetic["rewards"].mean().item(), step)
+            writer.add_scalar("synthetic/guided", float(use is guided_sampler), step)
+            writer.add_scalar("synthetic/sample_time", time.time() - t0, step)
+            writer.add_scalar("synthetic/trajectories_per_second",
+                              args.num_synthetic / (args.horizon - 1) / (time.time() - t0), step)
+        idx = torch.randint(len(real["obs"]), (args.batch_size - n_synthetic,), device=device)
+        batch = {k: v[idx] for k, v in real.items()}
+        if n_synthetic > 0:
+            sidx = torch.randint(len(synthetic["obs"]), (n_synthetic,), device=device)
+            batch = {k: torch.cat([batch[k], synthetic[k][sidx]]) for k in batch}
+        losses = agent.update(batch)
+
+        # TRY NOT TO MODIFY: logging and evaluation
+        if step % args.log_every == 0:
+            for k, v in losses.items():
+                writer.add_scalar(k, v.item(), step)
+            writer.add_scalar("charts/SPS", int(step / (time.time() - start)), step)
+        if step % args.eval_every == 0 or step == args.total_steps:
+            returns = evaluate(agent.act, dataset, args.eval_episodes, args.seed + 10_000, device)
+            score = normalized_score(dataset, returns)
+            history.append(dict(step=step, return_mean=float(returns.mean()), score_mean=float(score.mean()),
+                                score_std=float(score.std())))
+            writer.add_scalar("eval/return", returns.mean(), step)
+            writer.add_scalar("eval/normalized_score", score.mean(), step)
+            bar.set_postfix(score=f"{score.mean():.1f}")
+            print(f"step {step}: return {returns.mean():.1f}, normalized score {score.mean():.1f} +- {score.std():.1f}")
+
+    best = max(history, key=lambda h: h["score_mean"])
+    summary = dict(env_id=args.env_id, dataset_id=dataset_id, exp_name=args.exp_name, seed=args.seed,
+                   last_score=history[-1]["score_mean"], best_score=best["score_mean"], best_step=best["step"],
+                   wall_time_s=time.time() - start, history=history, args=dataclasses.asdict(args))
+    with open(os.path.join(run_dir, "results.json.tmp"), "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(os.path.join(run_dir, "results.json.tmp"), os.path.join(run_dir, "results.json"))
+    if args.save_model:
+        atomic_torch_save(agent.state_dict(), os.path.join(run_dir, "agent.pt"))
+        atomic_torch_save(agent.policy_checkpoint(), os.path.join(run_dir, "policy.pt"))
+    writer.close()
+    print(f"{args.exp_name} {args.env_id} seed {args.seed}: last score {summary['last_score']:.1f}, "
+          f"best {summary['best_score']:.1f} (step {best['step']}) -> {run_dir}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
+# SHARED END: main
