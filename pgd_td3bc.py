@@ -569,7 +569,8 @@ class GuidedEDMSampler(nn.Module):
         x = torch.randn(shape, generator=generator).to(device) * t[0]
         for i in range(self.num_steps):
             noise = torch.randn(shape, generator=generator).to(device)
-            x = self.step_fn(x, t[i], t[i + 1], gammas[i], lambdas[i], noise, i == self.num_steps - 1)
+            last = i == self.num_steps - 1  # the cheap last step runs eagerly: one compiled graph per sampler
+            x = (self.step if last else self.step_fn)(x, t[i], t[i + 1], gammas[i], lambdas[i], noise, last)
         return x
 
 
@@ -772,6 +773,7 @@ def main(args: Args):
         denoiser, normalizer = get_diffuser(args, dataset_id, windows, val_windows, writer, device)
         sampler = GuidedEDMSampler(denoiser, normalizer, obs_dim, act_dim, args)
 
+    torch.manual_seed(args.seed)  # the agent's randomness must not depend on whether the diffuser was trained or loaded
     agent = Agent(obs_dim, act_dim, args, stats).to(device)
     if sampler is not None and args.guidance_coef != 0:
         guided_sampler = GuidedEDMSampler(sampler.denoiser, sampler.normalizer, obs_dim, act_dim, args, agent.log_prob)
