@@ -1,0 +1,97 @@
+"""Report script: real data vs unguided diffusion vs policy-guided diffusion, for pgd_iql.py and pgd_td3bc.py.
+
+Runs every (script, variant, seed) as a subprocess with the same extra flags, then writes a markdown table of the
+final and best D4RL-normalised scores (mean +- std over seeds) and wall times. The diffuser is trained once per
+seed and shared by all variants and agents through the checkpoint cache (it depends on the dataset, the diffuser
+flags and the seed only).
+
+    python compare.py --env-id hopper-medium-replay --seeds 1 2 --out docs/compare_hopper-medium-replay.md -- \
+        --total-steps 20000 --diffuser-steps 10000
+"""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import tyro
+
+VARIANTS = {"real": ["--synthetic-ratio", "0"], "unguided": ["--guidance-coef", "0"], "guided": []}
+
+
+@dataclass
+class Args:
+    env_id: str = "hopper-medium-replay"
+    """dataset short name (see collect_datasets.py)"""
+    scripts: tuple[str, ...] = ("pgd_iql.py", "pgd_td3bc.py")
+    """agent scripts to compare"""
+    variants: tuple[str, ...] = ("real", "unguided", "guided")
+    """which of real / unguided / guided to run"""
+    seeds: tuple[int, ...] = (1,)
+    """seeds"""
+    jobs: int = 1
+    """runs in parallel (after the diffusers are trained)"""
+    runs_root: str = "runs/compare"
+    """run directories go here"""
+    out: str = ""
+    """also write the markdown table to this file"""
+    extra: tuple[str, ...] = field(default_factory=tuple)
+    """flags passed to every run (or put them after `--`)"""
+
+
+def run(args: Args, script: str, variant: str, seed: int) -> dict:
+    root = os.path.join(args.runs_root, f"{script[:-3]}__{variant}__{seed}")
+    cmd = [sys.executable, script, "--env-id", args.env_id, "--seed", str(seed), "--runs-root", root,
+           "--exp-name", f"{script[:-3]}-{variant}", *VARIANTS[variant], *args.extra]
+    print(" ".join(cmd), flush=True)
+    start = time.time()
+    with open(f"{root}.log", "w") as log:
+        threads = {"OMP_NUM_THREADS": "1"} if args.jobs > 1 else {}  # parallel runs must not oversubscribe the cores
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **threads})
+    if code:
+        raise SystemExit(f"error: {' '.join(cmd)} failed (exit {code}); see {root}.log")
+    (run_dir,) = [os.path.join(root, d) for d in os.listdir(root)]
+    res = json.load(open(os.path.join(run_dir, "results.json")))
+    res["wall_s"] = time.time() - start
+    print(f"  {script} {variant} seed {seed}: last {res['last_score']:.1f} best {res['best_score']:.1f} "
+          f"({res['wall_s'] / 60:.1f} min)", flush=True)
+    return res
+
+
+def main(args: Args):
+    if "--" in sys.argv:
+        args = dataclasses.replace(args, extra=tuple(sys.argv[sys.argv.index("--") + 1:]))
+    os.makedirs(args.runs_root, exist_ok=True)
+    jobs = [(s, v, seed) for seed in args.seeds for s in args.scripts for v in args.variants]
+    # the first diffusion run of each seed trains and caches that seed's diffuser; the others then load it
+    first = {seed: next(j for j in jobs if j[2] == seed and j[1] != "real") for seed in args.seeds
+             if any(j[2] == seed and j[1] != "real" for j in jobs)}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = dict(zip(first.values(), pool.map(lambda j: run(args, *j), first.values())))
+        rest = [j for j in jobs if j not in results]
+        results.update(zip(rest, pool.map(lambda j: run(args, *j), rest)))
+
+    lines = [f"| agent | data | last score | best score | wall time (min) |", "|---|---|---|---|---|"]
+    for s in args.scripts:
+        for v in args.variants:
+            rs = [results[(s, v, seed)] for seed in args.seeds]
+            last, best = np.array([r["last_score"] for r in rs]), np.array([r["best_score"] for r in rs])
+            lines.append(f"| {s[:-3]} | {v} | {last.mean():.1f} +- {last.std():.1f} | {best.mean():.1f} +- {best.std():.1f} "
+                         f"| {np.mean([r['wall_s'] for r in rs]) / 60:.1f} |")
+    table = "\n".join(lines)
+    header = (f"{args.env_id}, seeds {list(args.seeds)}; flags: `{' '.join(args.extra)}`\n"
+              f"command: `python {' '.join(sys.argv)}`\n\n")
+    print(header + table)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(header + table + "\n")
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:sys.argv.index("--")] if "--" in sys.argv else sys.argv[1:]
+    main(tyro.cli(Args, args=argv))
