@@ -123,6 +123,9 @@ class Args:
     """evaluate the policy gradient at the denoised estimate instead of the noisy sample"""
     sample_batch_size: int = 256
     """trajectories sampled per batch"""
+    sampler_bf16: bool = False
+    """run the denoiser's network F in bfloat16 autocast while sampling (matmuls/convs in bf16; the EDM skip path
+    c_skip x and the guidance stay float32); ~2x faster GEMMs on CPUs with avx512_bf16/AMX"""
     compile: bool = torch.cuda.is_available()
     """torch.compile the sampler step (default: on with CUDA)"""
 
@@ -524,7 +527,13 @@ class GuidedEDMSampler(nn.Module):
         in_churn = (self.t_steps[:-1] >= args.S_tmin) & (self.t_steps[:-1] <= args.S_tmax)
         self.gammas = torch.where(in_churn, min(args.S_churn / args.sampler_steps, math.sqrt(2) - 1), 0.0)
         self.lambdas = guidance_schedule(args.sampler_steps, args.guidance_coef, args.guidance_cosine)
+        self.bf16 = args.sampler_bf16
         self.step_fn = torch.compile(self.step, fullgraph=True, dynamic=False) if args.compile else self.step
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """D(x; sigma); with --sampler-bf16 the network F runs in bfloat16 autocast, D's output is float32."""
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16):
+            return self.denoiser(x, sigma)
 
     def action_score(self, x: torch.Tensor) -> torch.Tensor:
         """grad of sum_t log pi(tanh(unnorm a_t) | unnorm s_t) w.r.t. the normalised action channels [B, H, act_dim]."""
@@ -549,11 +558,11 @@ class GuidedEDMSampler(nn.Module):
         """One step of EDM Algorithm 2 (lines 4-11), then guidance."""
         t_hat = t_cur + gamma * t_cur  # line 5: raise the noise level by the churn
         x_hat = x + (t_hat ** 2 - t_cur ** 2).sqrt() * self.S_noise * noise  # line 6
-        d_cur = (x_hat - self.denoiser(x_hat, t_hat)) / t_hat  # line 7
+        d_cur = (x_hat - self.denoise(x_hat, t_hat)) / t_hat  # line 7
         x_next = x_hat + (t_next - t_hat) * d_cur  # line 8: Euler step from x_hat (not from the pre-churn x)
         if last:  # line 9: t_next = 0, no second-order correction and no guidance
             return x_next
-        denoised = self.denoiser(x_next, t_next)
+        denoised = self.denoise(x_next, t_next)
         d_prime = (x_next - denoised) / t_next  # line 10
         x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)  # line 11
         if self.log_prob_fn is None:

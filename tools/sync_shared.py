@@ -12,7 +12,7 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BLOCK = re.compile(r"^# SHARED BEGIN: (\S+)\n.*?^# SHARED END: \1\n", re.S | re.M)
+BLOCK = re.compile(r"^[ \t]*# SHARED BEGIN: (\S+)\n.*?^[ \t]*# SHARED END: \1\n", re.S | re.M)
 
 
 def blocks(text: str) -> dict[str, str]:

@@ -1,0 +1,250 @@
+"""Speed benchmark of the PGD scripts (random weights: timing only, no dataset needed); prints a markdown table.
+
+1. Sampler trajectories/s at the configuration of the official JAX PGD sampler comparison (1-D U-Net with 64 base
+   features, 3 levels, ~0.7M params; windows of 32 steps x 25 channels; 256 Heun+churn steps; batch 64), guided by a
+   256x256 IQL policy and unguided, eager and torch.compile'd. The first call (warm-up, compilation) is excluded from
+   the rate; the compile time is reported separately (first call minus a timed call).
+2. Diffuser training steps/s at batch 64 (EDM loss, Adam, EMA), for the CPU default diffuser and the 0.7M config.
+3. Agent updates/s at batch 256: IQL (pgd_iql) and TD3+BC (pgd_td3bc, when that script exists).
+
+Usage: python bench.py                 (full benchmark, several minutes on a 2-core CPU)
+       python bench.py --quick         (tiny sizes, seconds: a smoke test)
+Rates are the best of `--repeats` timed runs (the machine may be shared; the load average is printed).
+"""
+import dataclasses
+import importlib
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pgd_iql  # noqa: E402
+
+try:
+    pgd_td3bc = importlib.import_module("pgd_td3bc")
+except ModuleNotFoundError:
+    pgd_td3bc = None
+
+
+@dataclass
+class BenchArgs:
+    repeats: int = 3
+    """timed runs per measurement (the best one is reported)"""
+    quick: bool = False
+    """tiny sizes and a few steps (seconds): a smoke test of this script, not a measurement"""
+    compile: Optional[bool] = None
+    """also time the torch.compile'd sampler (default: on, off with --quick)"""
+    device: str = "cpu"
+    """torch device"""
+    threads: Optional[int] = None
+    """torch.set_num_threads (default: torch's choice; 1 with --quick, robust on a loaded machine)"""
+    sampler_steps: int = 256
+    """Heun steps of the timed sampler"""
+    sampler_batch: int = 64
+    """trajectories per sampler batch"""
+    horizon: int = 32
+    """window length"""
+    obs_dim: int = 17
+    """observation channels (17 + 6 + reward + terminal = 25 channels, as walker2d)"""
+    act_dim: int = 6
+    """action channels"""
+    diffuser_train_steps: int = 30
+    """timed diffuser training steps per repeat"""
+    agent_updates: int = 200
+    """timed agent updates per repeat"""
+    seed: int = 0
+    """seed of the random weights and inputs"""
+
+
+# The U-Net closest to the JAX comparison model, and the scripts' CPU default diffuser.
+BENCH_DIFFUSER = dict(diffuser_channels=64, diffuser_mults=(1, 1, 1), diffuser_kernel_size=3)
+QUICK_DIFFUSER = dict(diffuser_channels=8, diffuser_mults=(1, 2), diffuser_kernel_size=3)
+
+
+def make_args(module, **overrides):
+    """module.Args with the overrides that exist in this version of the script (others are ignored)."""
+    names = {f.name for f in dataclasses.fields(module.Args)}
+    return module.Args(**{k: v for k, v in overrides.items() if k in names})
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_time(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
+    """Seconds of the fastest of `repeats` calls."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def random_stats(obs_dim: int) -> dict:
+    return dict(obs_mean=torch.zeros(obs_dim), obs_std=torch.ones(obs_dim), return_min=0.0, return_max=1000.0)
+
+
+def random_batch(n: int, obs_dim: int, act_dim: int, device: torch.device) -> dict[str, torch.Tensor]:
+    return dict(obs=torch.randn(n, obs_dim, device=device), actions=torch.rand(n, act_dim, device=device) * 2 - 1,
+                rewards=torch.randn(n, device=device), next_obs=torch.randn(n, obs_dim, device=device),
+                dones=(torch.rand(n, device=device) < 0.01).float())
+
+
+def random_denoiser(args, data_dim: int, device: torch.device):
+    """A denoiser of the script's architecture with small random weights (the zero-initialised output layer would
+    make the network a no-op)."""
+    config = {k: getattr(args, k) for k in pgd_iql.DIFFUSER_FIELDS}
+    denoiser = pgd_iql.build_denoiser(config, data_dim).to(device)
+    with torch.no_grad():
+        for p in denoiser.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    return denoiser
+
+
+def bench_sampler(b: BenchArgs, diffuser: dict, guided: bool, compiled: bool, device: torch.device,
+                  bf16: bool = False) -> dict:
+    data_dim = b.obs_dim + b.act_dim + 2
+    args = make_args(pgd_iql, **diffuser, horizon=b.horizon, sampler_steps=b.sampler_steps, compile=compiled,
+                     device=str(device), guidance_coef=0.1 if guided else 0.0, sampler_bf16=bf16)
+    torch.manual_seed(b.seed)
+    denoiser = random_denoiser(args, data_dim, device).requires_grad_(False)
+    normalizer = pgd_iql.Normalizer(torch.randn(data_dim) * 0.1, torch.rand(data_dim) + 0.5).to(device)
+    agent = pgd_iql.Agent(b.obs_dim, b.act_dim, args, random_stats(b.obs_dim)).to(device)
+    sampler = pgd_iql.GuidedEDMSampler(denoiser, normalizer, b.obs_dim, b.act_dim, args,
+                                       agent.log_prob if guided else None)
+    gen = torch.Generator().manual_seed(b.seed)
+    run = lambda: sampler(b.sampler_batch, b.horizon, gen)  # noqa: E731
+    sync(device)
+    t0 = time.perf_counter()
+    run()  # warm-up: compilation, allocator, oneDNN primitive caches
+    sync(device)
+    first = time.perf_counter() - t0
+    t = best_time(run, b.repeats, device)
+    return dict(params=sum(p.numel() for p in denoiser.parameters()), traj_per_s=b.sampler_batch / t, batch_s=t,
+                eval_ms=t / (2 * b.sampler_steps - 1) * 1e3, compile_s=max(0.0, first - t) if compiled else None)
+
+
+def bench_diffuser_training(b: BenchArgs, diffuser: dict, device: torch.device) -> dict:
+    """The step of train_diffuser: EDM loss, Adam, EMA update, at batch 64."""
+    data_dim = b.obs_dim + b.act_dim + 2
+    args = make_args(pgd_iql, **diffuser, horizon=b.horizon, device=str(device))
+    torch.manual_seed(b.seed)
+    config = {k: getattr(args, k) for k in pgd_iql.DIFFUSER_FIELDS}
+    denoiser = pgd_iql.build_denoiser(config, data_dim).to(device)
+    ema = pgd_iql.build_denoiser(config, data_dim).to(device).requires_grad_(False)
+    optimizer = torch.optim.Adam(denoiser.parameters(), lr=args.diffuser_lr)
+    data = torch.randn(1024, b.horizon, data_dim, device=device)
+    batch = 4 if b.quick else args.diffuser_batch_size
+
+    def steps():
+        for _ in range(b.diffuser_train_steps):
+            x = data[torch.randint(len(data), (batch,), device=device)]
+            loss = pgd_iql.edm_loss(denoiser, x, args.P_mean, args.P_std)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
+                    p_ema.lerp_(p, 1 - args.ema_decay)
+
+    steps()  # warm-up
+    t = best_time(steps, b.repeats, device)
+    return dict(params=sum(p.numel() for p in denoiser.parameters()), steps_per_s=b.diffuser_train_steps / t,
+                batch=batch)
+
+
+def bench_agent(module, b: BenchArgs, device: torch.device) -> dict:
+    args = make_args(module, device=str(device), total_steps=10 ** 6)
+    torch.manual_seed(b.seed)
+    agent = module.Agent(b.obs_dim, b.act_dim, args, random_stats(b.obs_dim)).to(device)
+    batch_size = 8 if b.quick else args.batch_size
+    batch = random_batch(batch_size, b.obs_dim, b.act_dim, device)
+
+    def updates():
+        for _ in range(b.agent_updates):
+            agent.update(batch)
+
+    updates()  # warm-up
+    t = best_time(updates, b.repeats, device)
+    return dict(updates_per_s=b.agent_updates / t, batch=batch_size)
+
+
+def machine_info(device: torch.device) -> list[str]:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    lines = [f"- CPU: {cpu}, {os.cpu_count()} logical cores, load average {load}",
+             f"- torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
+             + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+             f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`"]
+    return lines
+
+
+def main(b: BenchArgs):
+    if b.threads or b.quick:
+        torch.set_num_threads(b.threads or 1)
+    if b.quick:
+        b = dataclasses.replace(b, sampler_steps=4, sampler_batch=4, horizon=8, diffuser_train_steps=2,
+                                agent_updates=3, repeats=1)
+    compiled = (not b.quick) if b.compile is None else b.compile
+    device = torch.device(b.device)
+    bench_diffuser = QUICK_DIFFUSER if b.quick else BENCH_DIFFUSER
+    cpu_default = QUICK_DIFFUSER if b.quick else {k: getattr(pgd_iql.Args, k) for k in BENCH_DIFFUSER}
+    print("\n".join(machine_info(device)), flush=True)
+
+    rows = []
+    # bf16 rows only where the script has the `sampler_bf16` option (float32 network otherwise)
+    has_bf16 = "sampler_bf16" in {f.name for f in dataclasses.fields(pgd_iql.Args)}
+    variants = [(True, False), (False, False)] + ([(True, True)] if has_bf16 else [])
+    for guided, bf16 in variants:
+        for mode in ("eager", "compiled"):
+            name = f"sampler, {'guided' if guided else 'unguided'}, {mode}{', bf16 network' if bf16 else ''}"
+            if mode == "compiled" and not compiled:
+                rows.append((name, "skipped", ""))
+                continue
+            r = bench_sampler(b, bench_diffuser, guided, mode == "compiled", device, bf16)
+            detail = (f"{r['params'] / 1e6:.2f}M params, {b.sampler_steps} steps, batch {b.sampler_batch} x "
+                      f"{b.horizon} x {b.obs_dim + b.act_dim + 2}: {r['batch_s']:.2f} s/batch, "
+                      f"{r['eval_ms']:.2f} ms/denoiser eval (incl. guidance)")
+            if r["compile_s"] is not None:
+                detail += f", compile {r['compile_s']:.0f} s"
+            rows.append((name, f"{r['traj_per_s']:.3g} traj/s", detail))
+            print(f"{name}: {rows[-1][1]}", flush=True)
+    for label, diffuser in (("CPU default", cpu_default), ("0.7M bench", bench_diffuser)):
+        r = bench_diffuser_training(b, diffuser, device)
+        rows.append((f"diffuser training, {label}", f"{r['steps_per_s']:.3g} steps/s",
+                     f"{r['params'] / 1e6:.2f}M params, channels {diffuser['diffuser_channels']}, mults "
+                     f"{tuple(diffuser['diffuser_mults'])}, kernel {diffuser['diffuser_kernel_size']}, batch {r['batch']}"))
+        print(f"{rows[-1][0]}: {rows[-1][1]}", flush=True)
+    for label, module in (("IQL", pgd_iql), ("TD3+BC", pgd_td3bc)):
+        if module is None:
+            continue
+        r = bench_agent(module, b, device)
+        rows.append((f"agent updates, {label}", f"{r['updates_per_s']:.3g} updates/s", f"batch {r['batch']}"))
+        print(f"{rows[-1][0]}: {rows[-1][1]}", flush=True)
+
+    print(f"\n## PGD benchmark{' (--quick: smoke test, not a measurement)' if b.quick else ''}\n")
+    print("\n".join(machine_info(device)))
+    print(f"- best of {b.repeats} timed runs after one warm-up run\n")
+    print("| measurement | rate | details |\n|---|---|---|")
+    for name, rate, detail in rows:
+        print(f"| {name} | {rate} | {detail} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main(tyro.cli(BenchArgs))

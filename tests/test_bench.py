@@ -1,0 +1,19 @@
+"""Smoke test of bench.py: `--quick` runs end to end and prints the markdown table (no timing asserts)."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_quick_prints_table():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--quick"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| measurement | rate | details |" in out.stdout
+    for row in ("| sampler, guided, eager |", "| sampler, unguided, eager |", "| diffuser training, CPU default |",
+                "| diffuser training, 0.7M bench |", "| agent updates, IQL |"):
+        assert row in out.stdout, out.stdout
+    if os.path.exists(os.path.join(ROOT, "pgd_td3bc.py")):
+        assert "| agent updates, TD3+BC |" in out.stdout
+    assert "torch " in out.stdout and "command: `" in out.stdout
