@@ -41,10 +41,21 @@ class Args:
     """also write the markdown table to this file"""
     extra: tuple[str, ...] = field(default_factory=tuple)
     """flags passed to every run (or put them after `--`)"""
+    report_only: bool = False
+    """run nothing: tabulate the finished runs found under --runs-root (missing ones are left out)"""
+
+
+def finished(root: str) -> dict | None:
+    """results.json of the run under `root`, or None if it has not finished."""
+    paths = [os.path.join(root, d, "results.json") for d in os.listdir(root)] if os.path.isdir(root) else []
+    paths = [p for p in paths if os.path.isfile(p)]
+    return json.load(open(paths[0])) if paths else None
 
 
 def run(args: Args, script: str, variant: str, seed: int) -> dict:
     root = os.path.join(args.runs_root, f"{script[:-3]}__{variant}__{seed}")
+    if args.report_only:
+        return finished(root)
     cmd = [sys.executable, script, "--env-id", args.env_id, "--seed", str(seed), "--runs-root", root,
            "--exp-name", f"{script[:-3]}-{variant}", *VARIANTS[variant], *args.extra]
     print(" ".join(cmd), flush=True)
@@ -54,11 +65,9 @@ def run(args: Args, script: str, variant: str, seed: int) -> dict:
         code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **threads})
     if code:
         raise SystemExit(f"error: {' '.join(cmd)} failed (exit {code}); see {root}.log")
-    (run_dir,) = [os.path.join(root, d) for d in os.listdir(root)]
-    res = json.load(open(os.path.join(run_dir, "results.json")))
-    res["wall_s"] = time.time() - start
+    res = finished(root)
     print(f"  {script} {variant} seed {seed}: last {res['last_score']:.1f} best {res['best_score']:.1f} "
-          f"({res['wall_s'] / 60:.1f} min)", flush=True)
+          f"({(time.time() - start) / 60:.1f} min)", flush=True)
     return res
 
 
@@ -70,18 +79,21 @@ def main(args: Args):
     # the first diffusion run of each seed trains and caches that seed's diffuser; the others then load it
     first = {seed: next(j for j in jobs if j[2] == seed and j[1] != "real") for seed in args.seeds
              if any(j[2] == seed and j[1] != "real" for j in jobs)}
-    with ThreadPoolExecutor(args.jobs) as pool:
+    with ThreadPoolExecutor(1 if args.report_only else args.jobs) as pool:
         results = dict(zip(first.values(), pool.map(lambda j: run(args, *j), first.values())))
         rest = [j for j in jobs if j not in results]
         results.update(zip(rest, pool.map(lambda j: run(args, *j), rest)))
 
-    lines = [f"| agent | data | last score | best score | wall time (min) |", "|---|---|---|---|---|"]
+    lines = ["| agent | data | last score | best score | wall time (min) | seeds |", "|---|---|---|---|---|---|"]
     for s in args.scripts:
         for v in args.variants:
-            rs = [results[(s, v, seed)] for seed in args.seeds]
+            rs = [results[(s, v, seed)] for seed in args.seeds if results.get((s, v, seed))]
+            if not rs:
+                continue
             last, best = np.array([r["last_score"] for r in rs]), np.array([r["best_score"] for r in rs])
+            wall = [r["wall_time_s"] for r in rs]
             lines.append(f"| {s[:-3]} | {v} | {last.mean():.1f} +- {last.std():.1f} | {best.mean():.1f} +- {best.std():.1f} "
-                         f"| {np.mean([r['wall_s'] for r in rs]) / 60:.1f} |")
+                         f"| {np.mean(wall) / 60:.1f} | {len(rs)} |")
     table = "\n".join(lines)
     header = (f"{args.env_id}, seeds {list(args.seeds)}; flags: `{' '.join(args.extra)}`\n"
               f"command: `python {' '.join(sys.argv)}`\n\n")

@@ -731,6 +731,7 @@ def make_run_dir(args: Args) -> str:
 
 
 def main(args: Args):
+    run_start = time.time()
     if args.paper_scale:
         defaults = Args()
         for k, v in PAPER_SCALE.items():
@@ -830,7 +831,8 @@ def main(args: Args):
     best = max(history, key=lambda h: h["score_mean"])
     summary = dict(env_id=args.env_id, dataset_id=dataset_id, exp_name=args.exp_name, seed=args.seed,
                    last_score=history[-1]["score_mean"], best_score=best["score_mean"], best_step=best["step"],
-                   wall_time_s=time.time() - start, history=history, args=dataclasses.asdict(args))
+                   agent_time_s=time.time() - start, wall_time_s=time.time() - run_start, history=history,
+                   args=dataclasses.asdict(args))
     with open(os.path.join(run_dir, "results.json.tmp"), "w") as f:
         json.dump(summary, f, indent=1)
     os.replace(os.path.join(run_dir, "results.json.tmp"), os.path.join(run_dir, "results.json"))
