@@ -463,27 +463,30 @@ def train_diffuser(args: Args, config: dict, windows: np.ndarray, val_windows: n
     return ema, normalizer
 
 
+def load_diffuser(path: str, device: torch.device) -> tuple[EDMDenoiser, Normalizer, dict]:
+    """A checkpoint as written by get_diffuser: dict(ema, mean, std, config, data_dim, dataset_id)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --diffuser-checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location=device)
+    denoiser = build_denoiser(ckpt["config"], ckpt["data_dim"]).to(device)
+    denoiser.load_state_dict(ckpt["ema"])
+    return denoiser.requires_grad_(False), Normalizer(ckpt["mean"], ckpt["std"]).to(device), ckpt
+
+
 def get_diffuser(args: Args, dataset_id: str, windows: np.ndarray, val_windows: np.ndarray, writer: SummaryWriter,
                  device: torch.device) -> tuple[EDMDenoiser, Normalizer]:
     """Load the diffuser from --diffuser-checkpoint or the cache, else train it and cache it (atomically)."""
     config = {k: getattr(args, k) for k in DIFFUSER_FIELDS}
-    if args.diffuser_checkpoint:
-        path = args.diffuser_checkpoint
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: --diffuser-checkpoint {path} does not exist")
-    else:
-        key = hashlib.sha1(json.dumps([dataset_id, config], sort_keys=True).encode()).hexdigest()[:10]
-        path = os.path.join(args.diffuser_cache_dir, f"{dataset_id.replace('/', '_')}__{key}__seed{args.seed}.pt")
-    if os.path.isfile(path):
-        ckpt = torch.load(path, map_location=device)
+    key = hashlib.sha1(json.dumps([dataset_id, config], sort_keys=True).encode()).hexdigest()[:10]
+    path = args.diffuser_checkpoint or os.path.join(
+        args.diffuser_cache_dir, f"{dataset_id.replace('/', '_')}__{key}__seed{args.seed}.pt")
+    if args.diffuser_checkpoint or os.path.isfile(path):
+        denoiser, normalizer, ckpt = load_diffuser(path, device)
         if ckpt["data_dim"] != windows.shape[-1]:
             raise SystemExit(f"error: diffuser {path} models {ckpt['data_dim']} channels, dataset {dataset_id} has "
                              f"{windows.shape[-1]}; pass the checkpoint of this dataset")
-        denoiser = build_denoiser(ckpt["config"], ckpt["data_dim"]).to(device)
-        denoiser.load_state_dict(ckpt["ema"])
-        normalizer = Normalizer(ckpt["mean"], ckpt["std"]).to(device)
         print(f"loaded diffuser {path}")
-        return denoiser.requires_grad_(False), normalizer
+        return denoiser, normalizer
     denoiser, normalizer = train_diffuser(args, config, windows, val_windows, writer, device)
     atomic_torch_save(dict(ema=denoiser.state_dict(), mean=normalizer.mean, std=normalizer.std, config=config,
                            data_dim=windows.shape[-1], dataset_id=dataset_id), path)
