@@ -406,7 +406,7 @@ def test_compile_flag_end_to_end(tiny_store, tmp_path):
 def test_bad_inputs_give_one_line_errors(tiny_store, tmp_path):
     p = run_script("pgd_iql.py", ["--env-id", "hopper-nonsense"], tiny_store, tmp_path, check=False)
     assert p.returncode != 0 and "unknown --env-id" in p.stderr and "Traceback" not in p.stderr
-    p = run_script("pgd_iql.py", TINY + ["--horizon", "6"], tiny_store, tmp_path, check=False)
+    p = run_script("pgd_iql.py", TINY + ["--horizon", "7"], tiny_store, tmp_path, check=False)
     assert p.returncode != 0 and "--horizon" in p.stderr and "Traceback" not in p.stderr
     p = run_script("pgd_iql.py", TINY + ["--diffuser-checkpoint", str(tmp_path / "nope.pt")], tiny_store, tmp_path, check=False)
     assert p.returncode != 0 and "does not exist" in p.stderr and "Traceback" not in p.stderr
