@@ -1,0 +1,678 @@
+"""Build real Minari datasets locally, under the usual ids, so every script loads data one way: `minari.load_dataset`.
+
+    python collect_datasets.py --env-id hopper-medium-replay      # any short name of DATASETS below
+    python collect_datasets.py --env-id maze2d-umaze --num-steps 100000
+    python collect_datasets.py --env-id hopper-medium --info       # print the stats of a dataset already built
+
+MuJoCo (HalfCheetah-v5, Hopper-v5, Walker2d-v5): one SAC behaviour policy per env is trained on CPU (2x256 MLPs,
+twin Q, automatic entropy tuning), with a resumable checkpoint in `--work-dir/<env>/`. Training stops at the
+*medium point* (first evaluation whose deterministic return reaches the env's medium target, or `--medium-max-steps`,
+whichever comes first), then goes on to the *expert point* (expert target or `--expert-max-steps`). Levels:
+  random         uniform random actions
+  medium         rollouts of the medium SAC actor (stochastic: tanh of a Gaussian sample, like D4RL)
+  medium-replay  the SAC replay buffer from step 0 to the medium point, episodes in the order they were collected
+  expert         rollouts of the expert SAC actor
+  medium-expert  the episodes of `medium` followed by those of `expert` (both are built first if missing)
+The SAC run is shared by all levels of an env: the medium point (actor + replay buffer) is cached in the work dir, so
+`medium` and `medium-replay` train once. Rollout datasets hold `--num-steps` transitions (default 1M, like D4RL);
+the episode running when that count is reached ends truncated.
+
+Maze2d (PointMaze_{UMaze,Medium,Large}-v3 of gymnasium-robotics, D4RL style): a waypoint controller (breadth-first
+search over the free maze cells towards the goal cell, then a PD controller on position/velocity towards the next
+cell centre, or the goal itself in the goal cell) drives the point; the env runs as a continuing task, so each
+reached goal is replaced by a random goal in another cell (the collector sets it; PointMaze v3's own
+continuing mode keeps the goal); episodes are `--maze-episode-len` steps long. No training.
+
+Every dataset carries D4RL's `ref_min_score`/`ref_max_score`, an `eval_env` (MuJoCo: the same v5 env; maze: the
+v3 maze with a fixed goal and D4RL's horizon), `algorithm_name`, and in `description` a JSON with the collector's
+exact Args and the behaviour policy's evaluation return. A dataset is written under a hidden temporary root inside
+the Minari store and renamed into place when complete: an interrupted run leaves no dataset under the real id.
+
+Behaviour policy checkpoints: `--policy-dir/{env}-{medium,expert}.pt`, a dict saved with `torch.save`:
+    {"kind": "sac_tanh_gaussian", "obs_dim": int, "act_dim": int, "hidden": [256, 256],
+     "state_dict": <Actor.state_dict()>, "return": <mean deterministic eval return when it was cut>, "step": int}
+Actor (rebuild it with the `Actor` class below, or by hand): trunk = Linear(obs_dim, 256), ReLU, Linear(256, 256),
+ReLU (state_dict keys `trunk.0.*`, `trunk.2.*`); heads `mean` = Linear(256, act_dim), `log_std` = Linear(256, act_dim),
+log_std clamped to [-5, 2]; action = tanh(mean + exp(log_std) * N(0, I)) (deterministic: tanh(mean)). The env
+action bounds are [-1, 1] for the three MuJoCo envs, so no rescaling.
+"""
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+
+@dataclass
+class Args:
+    env_id: str = "hopper-medium-replay"
+    """short dataset name (a key of DATASETS), e.g. `halfcheetah-medium`, `maze2d-umaze`"""
+    num_steps: Optional[int] = None
+    """transitions in rollout datasets (random, medium, expert, maze2d); default 1M. medium-replay is the replay buffer"""
+    overwrite: bool = False
+    """replace a dataset that already exists under the same Minari id"""
+    info: bool = False
+    """only print the stats (episodes, steps, mean return, mean normalized return) of the already built dataset"""
+    seed: int = 0
+    """seed of the SAC run, the rollouts and the environments"""
+    work_dir: str = "checkpoints/collect"
+    """where the resumable SAC state and the cached medium/expert points live (one subfolder per env)"""
+    resume: bool = True
+    """continue the SAC run saved in the work dir instead of starting over"""
+    policy_dir: str = "policies"
+    """where the behaviour policies are saved as `{env}-{medium,expert}.pt`"""
+    medium_target: Optional[float] = None
+    """eval return that ends the medium stage (default: SAC_ENVS table, e.g. hopper 1100)"""
+    expert_target: Optional[float] = None
+    """eval return that ends the expert stage (default: SAC_ENVS table, e.g. hopper 3000)"""
+    medium_max_steps: int = 300_000
+    """SAC env steps at which the medium stage is cut even if its target was not reached"""
+    expert_max_steps: int = 1_000_000
+    """SAC env steps at which the expert stage is cut even if its target was not reached"""
+    learning_starts: int = 5_000
+    """SAC steps of uniform random actions before updates begin"""
+    batch_size: int = 256
+    """SAC minibatch size"""
+    lr: float = 3e-4
+    """Adam learning rate of actor, critics and temperature"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """Polyak rate of the target critics"""
+    eval_freq: int = 5_000
+    """SAC steps between evaluations (deterministic policy)"""
+    eval_episodes: int = 5
+    """episodes per evaluation"""
+    checkpoint_freq: int = 10_000
+    """SAC steps between atomic checkpoints of the whole run (nets, optimizers, replay buffer, step, RNG)"""
+    log_freq: int = 5_000
+    """steps between progress lines"""
+    deterministic_rollouts: bool = False
+    """collect medium/expert with tanh(mean) instead of sampled actions"""
+    maze_episode_len: int = 1_000
+    """length of the (continuing, multi-goal) maze2d episodes"""
+    torch_threads: int = 1
+    """torch CPU threads"""
+
+
+# Short dataset names (D4RL style) -> Minari dataset ids. `mujoco/<env>/{medium,expert}-v0` also exist on Minari's
+# remote store; `random`, `medium-replay` and `medium-expert` exist only when built by collect_datasets.py.
+DATASETS = {
+    **{f"{env}-{level}": f"mujoco/{env}/{level}-v0" for env in ("halfcheetah", "hopper", "walker2d")
+       for level in ("random", "medium", "medium-replay", "expert", "medium-expert")},
+    **{f"maze2d-{maze}": f"D4RL/pointmaze/{maze}-v2" for maze in ("umaze", "medium", "large")},
+}
+
+
+def load_dataset(env_id: str):
+    """The Minari dataset behind a short name (`hopper-medium-replay`) or a full Minari id: local store first,
+    then Minari's remote store; a clear error naming the collector command when neither has it."""
+    import minari
+    if env_id not in DATASETS and "/" not in env_id:
+        raise SystemExit(f"error: unknown --env-id {env_id!r}; use one of {', '.join(DATASETS)} or a Minari id")
+    dataset_id = DATASETS.get(env_id, env_id)
+    if dataset_id in minari.list_local_datasets():
+        return minari.load_dataset(dataset_id)
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except Exception as e:  # network down, or Minari has no such remote dataset
+        raise SystemExit(f"error: Minari dataset {dataset_id!r} is not in the local store and could not be downloaded "
+                         f"({type(e).__name__}); build it here with: python collect_datasets.py --env-id {env_id}") from None
+
+
+# Per-env SAC set-up. Medium targets follow D4RL's "about 1/3 of expert" rule; ref scores are D4RL's.
+SAC_ENVS = {
+    "halfcheetah": dict(gym_id="HalfCheetah-v5", medium_target=4000.0, expert_target=10000.0,
+                        ref_min_score=-280.178953, ref_max_score=12135.0),
+    "hopper": dict(gym_id="Hopper-v5", medium_target=1100.0, expert_target=3000.0,
+                   ref_min_score=-20.272305, ref_max_score=3234.3),
+    "walker2d": dict(gym_id="Walker2d-v5", medium_target=1500.0, expert_target=4000.0,
+                     ref_min_score=1.629008, ref_max_score=4592.3),
+}
+# Maze2d: gymnasium-robotics env, D4RL evaluation horizon, D4RL ref scores.
+MAZES = {
+    "umaze": dict(gym_id="PointMaze_UMaze-v3", eval_steps=300, ref_min_score=23.85, ref_max_score=161.86),
+    "medium": dict(gym_id="PointMaze_Medium-v3", eval_steps=600, ref_min_score=13.13, ref_max_score=277.39),
+    "large": dict(gym_id="PointMaze_Large-v3", eval_steps=800, ref_min_score=6.7, ref_max_score=273.99),
+}
+DEFAULT_NUM_STEPS = 1_000_000
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+
+
+def log(msg: str):
+    print(f"[collect {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------- SAC
+class Actor(nn.Module):
+    """obs -> 256 -> 256 -> (mean, log_std); action = tanh(Gaussian sample)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden=(256, 256)):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(obs_dim, hidden[0]), nn.ReLU(), nn.Linear(hidden[0], hidden[1]), nn.ReLU())
+        self.mean = nn.Linear(hidden[1], act_dim)
+        self.log_std = nn.Linear(hidden[1], act_dim)
+
+    def forward(self, obs):
+        h = self.trunk(obs)
+        return self.mean(h), self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def sample(self, obs):
+        mean, log_std = self(obs)
+        std = log_std.exp()
+        u = mean + std * torch.randn_like(mean)
+        a = torch.tanh(u)
+        logp = (-0.5 * ((u - mean) / std) ** 2 - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
+        logp = logp - (2 * (np.log(2) - u - F.softplus(-2 * u))).sum(-1)  # tanh change of variables
+        return a, logp
+
+
+class Critic(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, hidden=(256, 256)):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(obs_dim + act_dim, hidden[0]), nn.ReLU(), nn.Linear(hidden[0], hidden[1]),
+                                 nn.ReLU(), nn.Linear(hidden[1], 1))
+
+    def forward(self, obs, act):
+        return self.net(torch.cat([obs, act], -1)).squeeze(-1)
+
+
+class NumpyActor:
+    """Fast single-observation forward pass of an Actor state_dict (rollouts are CPU-bound on tiny matmuls)."""
+
+    def __init__(self, state_dict: dict, rng: np.random.Generator, deterministic: bool):
+        p = {k: v.detach().cpu().numpy().astype(np.float64) for k, v in state_dict.items()}
+        self.layers = [(p["trunk.0.weight"].T, p["trunk.0.bias"]), (p["trunk.2.weight"].T, p["trunk.2.bias"])]
+        self.mean = (p["mean.weight"].T, p["mean.bias"])
+        self.log_std = (p["log_std.weight"].T, p["log_std.bias"])
+        self.rng, self.deterministic = rng, deterministic
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        h = np.asarray(obs, np.float64)
+        for w, b in self.layers:
+            h = np.maximum(h @ w + b, 0.0)
+        mean = h @ self.mean[0] + self.mean[1]
+        if self.deterministic:
+            return np.tanh(mean)
+        log_std = np.clip(h @ self.log_std[0] + self.log_std[1], LOG_STD_MIN, LOG_STD_MAX)
+        return np.tanh(mean + np.exp(log_std) * self.rng.standard_normal(mean.shape))
+
+
+def policy_file(args: Args, env_name: str, level: str) -> str:
+    return os.path.join(args.policy_dir, f"{env_name}-{level}.pt")
+
+
+def save_policy(path: str, actor_sd: dict, obs_dim: int, act_dim: int, ret: float, step: int):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_torch_save({"kind": "sac_tanh_gaussian", "obs_dim": obs_dim, "act_dim": act_dim, "hidden": [256, 256],
+                       "state_dict": {k: v.detach().cpu().clone() for k, v in actor_sd.items()},
+                       "return": float(ret), "step": int(step)}, path)
+
+
+def atomic_torch_save(obj, path: str):
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def evaluate(env: gym.Env, actor_sd: dict, episodes: int, seed: int) -> float:
+    policy = NumpyActor(actor_sd, np.random.default_rng(seed), deterministic=True)
+    returns = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        done, ret = False, 0.0
+        while not done:
+            obs, r, term, trunc, _ = env.step(policy(obs))
+            ret += float(r)
+            done = term or trunc
+        returns.append(ret)
+    return float(np.mean(returns))
+
+
+def sac_paths(args: Args, env_name: str) -> dict:
+    d = os.path.join(args.work_dir, env_name)
+    return dict(dir=d, state=os.path.join(d, "sac_state.pt"), medium=os.path.join(d, "medium_point.pt"),
+                expert=os.path.join(d, "expert_point.pt"))
+
+
+def train_sac(args: Args, env_name: str, until: str) -> dict:
+    """Run (or resume) the env's SAC run until the `until` point ("medium" or "expert"); return that point's cache:
+    {"actor": state_dict, "return", "step", "cut": "target"|"step cap", "target", "obs_dim", "act_dim",
+     "replay": {obs, actions, rewards, next_obs, terminations, truncations} (medium point only)}."""
+    cfg, paths = SAC_ENVS[env_name], sac_paths(args, env_name)
+    if os.path.exists(paths[until]):
+        point = torch.load(paths[until], weights_only=False)
+        log(f"{env_name}: using the cached {until} point ({paths[until]}: return {point['return']:.1f} "
+            f"at SAC step {point['step']})")
+        return point
+    medium_target = args.medium_target if args.medium_target is not None else cfg["medium_target"]
+    expert_target = args.expert_target if args.expert_target is not None else cfg["expert_target"]
+    os.makedirs(paths["dir"], exist_ok=True)
+    torch.set_num_threads(args.torch_threads)
+    env, eval_env = gym.make(cfg["gym_id"]), gym.make(cfg["gym_id"])
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    assert np.allclose(env.action_space.low, -1) and np.allclose(env.action_space.high, 1)
+    cap = max(args.expert_max_steps, args.medium_max_steps)
+
+    actor, q1, q2 = Actor(obs_dim, act_dim), Critic(obs_dim, act_dim), Critic(obs_dim, act_dim)
+    q1_t, q2_t = Critic(obs_dim, act_dim), Critic(obs_dim, act_dim)
+    q1_t.load_state_dict(q1.state_dict()), q2_t.load_state_dict(q2.state_dict())
+    log_alpha = torch.zeros((), requires_grad=True)
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.lr)
+    q_opt = torch.optim.Adam(list(q1.parameters()) + list(q2.parameters()), lr=args.lr)
+    alpha_opt = torch.optim.Adam([log_alpha], lr=args.lr)
+    target_entropy = -float(act_dim)
+    buf = dict(obs=np.zeros((cap, obs_dim), np.float32), actions=np.zeros((cap, act_dim), np.float32),
+               rewards=np.zeros(cap, np.float32), next_obs=np.zeros((cap, obs_dim), np.float32),
+               terminations=np.zeros(cap, bool), truncations=np.zeros(cap, bool))
+    step, evals, episode_returns = 0, [], deque(maxlen=20)
+    rng = np.random.default_rng(args.seed)
+    torch.manual_seed(args.seed)
+    medium_done = os.path.exists(paths["medium"])
+
+    if args.resume and os.path.exists(paths["state"]):
+        s = torch.load(paths["state"], weights_only=False)
+        for m, k in ((actor, "actor"), (q1, "q1"), (q2, "q2"), (q1_t, "q1_t"), (q2_t, "q2_t"), (actor_opt, "actor_opt"),
+                     (q_opt, "q_opt"), (alpha_opt, "alpha_opt")):
+            m.load_state_dict(s[k])
+        with torch.no_grad():
+            log_alpha.copy_(s["log_alpha"])
+        step, evals = s["step"], s["evals"]
+        for k in buf:
+            buf[k][:step] = s["buffer"][k]
+        rng.bit_generator.state = s["np_rng"]
+        torch.set_rng_state(s["torch_rng"])
+        if step > 0 and not (buf["terminations"][step - 1] or buf["truncations"][step - 1]):
+            buf["truncations"][step - 1] = True  # the env state is not saved: the episode in progress ends here
+        log(f"{env_name}: resumed the SAC run at step {step} from {paths['state']}")
+    elif os.path.exists(paths["state"]):
+        log(f"{env_name}: --no-resume: starting the SAC run over (old state {paths['state']} will be replaced)")
+        medium_done = False
+        for p in (paths["medium"], paths["expert"]):
+            if os.path.exists(p):
+                os.remove(p)
+
+    def checkpoint():
+        atomic_torch_save(dict(actor=actor.state_dict(), q1=q1.state_dict(), q2=q2.state_dict(), q1_t=q1_t.state_dict(),
+                               q2_t=q2_t.state_dict(), actor_opt=actor_opt.state_dict(), q_opt=q_opt.state_dict(),
+                               alpha_opt=alpha_opt.state_dict(), log_alpha=log_alpha.detach().clone(), step=step,
+                               evals=evals, buffer={k: v[:step].copy() for k, v in buf.items()},
+                               np_rng=rng.bit_generator.state, torch_rng=torch.get_rng_state(),
+                               args=dataclasses.asdict(args)), paths["state"])
+
+    def make_point(stage: str, ret: float, cut: str, target: float) -> dict:
+        point = dict(actor={k: v.detach().clone() for k, v in actor.state_dict().items()}, obs_dim=obs_dim,
+                     act_dim=act_dim, step=step, cut=cut, target=target, evals=list(evals), **{"return": ret})
+        if stage == "medium":
+            point["replay"] = {k: v[:step].copy() for k, v in buf.items()}
+            if step > 0 and not (buf["terminations"][step - 1] or buf["truncations"][step - 1]):
+                point["replay"]["truncations"][step - 1] = True  # episode in progress at the cut ends truncated
+        atomic_torch_save(point, paths[stage])
+        save_policy(policy_file(args, env_name, stage), point["actor"], obs_dim, act_dim, ret, step)
+        log(f"{env_name}: {stage} point at SAC step {step}: eval return {ret:.1f} (cut by {cut}; target {target})")
+        return point
+
+    obs, _ = env.reset(seed=args.seed + step)
+    ep_ret, t0, t_step0, point = 0.0, time.time(), step, None
+    stage = "expert" if medium_done else "medium"
+    for cut_stage, cut_step, target in (("medium", args.medium_max_steps, medium_target), ("expert", cap, expert_target)):
+        if point is None and stage == cut_stage and step >= cut_step:  # resumed past a (lowered) step cap: cut now
+            ret = evaluate(eval_env, actor.state_dict(), args.eval_episodes, seed=10_000 + step)
+            evals.append((step, ret))
+            made = make_point(cut_stage, ret, "step cap", target)
+            stage = "expert"
+            if until == cut_stage:
+                point = made
+    while point is None:
+        if step < args.learning_starts:
+            action = rng.uniform(-1, 1, act_dim).astype(np.float32)
+        else:
+            with torch.no_grad():
+                action = actor.sample(torch.as_tensor(obs, dtype=torch.float32)[None])[0][0].numpy()
+        next_obs, r, term, trunc, _ = env.step(action)
+        buf["obs"][step], buf["actions"][step], buf["rewards"][step] = obs, action, r
+        buf["next_obs"][step], buf["terminations"][step], buf["truncations"][step] = next_obs, term, trunc
+        step += 1
+        ep_ret += float(r)
+        obs = next_obs
+        if term or trunc:
+            episode_returns.append(ep_ret)
+            obs, _ = env.reset(seed=args.seed + step)
+            ep_ret = 0.0
+
+        if step >= args.learning_starts:
+            idx = torch.as_tensor(rng.integers(0, step, args.batch_size))
+            b = {k: torch.as_tensor(v[idx.numpy()]) for k, v in buf.items() if k != "truncations"}
+            alpha = log_alpha.exp().detach()
+            with torch.no_grad():
+                na, nlogp = actor.sample(b["next_obs"])
+                q_next = torch.min(q1_t(b["next_obs"], na), q2_t(b["next_obs"], na)) - alpha * nlogp
+                y = b["rewards"] + args.gamma * (1.0 - b["terminations"].float()) * q_next
+            q_loss = F.mse_loss(q1(b["obs"], b["actions"]), y) + F.mse_loss(q2(b["obs"], b["actions"]), y)
+            q_opt.zero_grad(set_to_none=True)
+            q_loss.backward()
+            q_opt.step()
+            a, logp = actor.sample(b["obs"])
+            actor_loss = (alpha * logp - torch.min(q1(b["obs"], a), q2(b["obs"], a))).mean()
+            actor_opt.zero_grad(set_to_none=True)
+            actor_loss.backward()
+            actor_opt.step()
+            alpha_loss = -(log_alpha * (logp.detach() + target_entropy)).mean()
+            alpha_opt.zero_grad(set_to_none=True)
+            alpha_loss.backward()
+            alpha_opt.step()
+            with torch.no_grad():
+                for net, tgt in ((q1, q1_t), (q2, q2_t)):
+                    for p, pt in zip(net.parameters(), tgt.parameters()):
+                        pt.lerp_(p, args.tau)
+
+        if (step % args.eval_freq == 0 and step >= args.learning_starts) or step in (args.medium_max_steps, cap):
+            ret = evaluate(eval_env, actor.state_dict(), args.eval_episodes, seed=10_000 + step)
+            evals.append((step, ret))
+            log(f"{env_name}: eval at step {step}: return {ret:.1f} (stage {stage})")
+            if stage == "medium" and (ret >= medium_target or step >= args.medium_max_steps):
+                mpoint = make_point("medium", ret, "target" if ret >= medium_target else "step cap", medium_target)
+                stage = "expert"
+                if until == "medium":
+                    point = mpoint
+            if point is None and stage == "expert" and (ret >= expert_target or step >= cap):
+                point = make_point("expert", ret, "target" if ret >= expert_target else "step cap", expert_target)
+        if step % args.log_freq == 0:
+            sps = (step - t_step0) / max(time.time() - t0, 1e-9)
+            last = f"{evals[-1][1]:.1f}" if evals else "n/a"
+            recent = f"{np.mean(episode_returns):.1f}" if episode_returns else "n/a"
+            log(f"{env_name}: SAC step {step}/{args.medium_max_steps if stage == 'medium' else cap} ({stage}) "
+                f"train return {recent} last eval {last} alpha {log_alpha.exp().item():.3f} SPS {sps:.0f} "
+                f"ETA to cap {((args.medium_max_steps if stage == 'medium' else cap) - step) / max(sps, 1e-9) / 60:.1f} min")
+        if step % args.checkpoint_freq == 0 or point is not None:
+            checkpoint()
+    return point
+
+
+# ---------------------------------------------------------------------------------------------------- rollouts
+def rollouts(env: gym.Env, policy, num_steps: int, seed: int, rng: np.random.Generator, what: str):
+    """`num_steps` transitions of `policy` (None: uniform random) as a list of EpisodeBuffer; returns of complete
+    episodes. The episode running at the end is cut (truncated)."""
+    from minari.data_collector import EpisodeBuffer
+    episodes, returns, t0 = [], [], time.time()
+    low, high = env.action_space.low, env.action_space.high
+    total = 0
+    while total < num_steps:
+        obs, _ = env.reset(seed=seed + len(episodes))
+        o, a, r, te, tr = [obs], [], [], [], []
+        while True:
+            act = rng.uniform(low, high) if policy is None else policy(obs)
+            act = np.asarray(act, np.float32)
+            obs, rew, term, trunc, _ = env.step(act)
+            total += 1
+            o.append(obs), a.append(act), r.append(rew), te.append(term), tr.append(trunc)
+            if total >= num_steps and not (term or trunc):
+                trunc = tr[-1] = True
+            if term or trunc:
+                break
+            if total % 100_000 == 0:
+                sps = total / (time.time() - t0)
+                log(f"{what}: {total}/{num_steps} steps, SPS {sps:.0f}, ETA {(num_steps - total) / sps / 60:.1f} min")
+        if not te[-1] and not tr[-1]:
+            raise AssertionError("episode ended without termination or truncation")
+        if not tr[-1] or len(r) == env.spec.max_episode_steps:
+            returns.append(float(np.sum(r)))
+        episodes.append(EpisodeBuffer(id=len(episodes), observations=np.asarray(o, np.float32),
+                                      actions=np.asarray(a, np.float32), rewards=np.asarray(r, np.float64),
+                                      terminations=np.asarray(te, bool), truncations=np.asarray(tr, bool)))
+    log(f"{what}: {total} steps in {len(episodes)} episodes, {time.time() - t0:.0f} s")
+    return episodes, returns
+
+
+def replay_episodes(replay: dict):
+    """Split a SAC replay buffer (flat transitions in collection order) into EpisodeBuffers."""
+    from minari.data_collector import EpisodeBuffer
+    ends = np.flatnonzero(replay["terminations"] | replay["truncations"])
+    episodes, start = [], 0
+    for end in ends:
+        sl = slice(start, end + 1)
+        obs = np.concatenate([replay["obs"][sl], replay["next_obs"][end:end + 1]]).astype(np.float32)
+        episodes.append(EpisodeBuffer(id=len(episodes), observations=obs, actions=replay["actions"][sl],
+                                      rewards=replay["rewards"][sl].astype(np.float64),
+                                      terminations=replay["terminations"][sl].copy(),
+                                      truncations=replay["truncations"][sl].copy()))
+        start = end + 1
+    return episodes
+
+
+def episodes_of(dataset):
+    """The EpisodeBuffers of a stored Minari dataset (for medium-expert)."""
+    from minari.data_collector import EpisodeBuffer
+    return [EpisodeBuffer(observations=ep.observations, actions=ep.actions, rewards=ep.rewards,
+                          terminations=ep.terminations, truncations=ep.truncations)
+            for ep in dataset.iterate_episodes()]
+
+
+# -------------------------------------------------------------------------------------------------------- maze2d
+class WaypointController:
+    """BFS over the free cells of the maze towards the goal cell; PD control towards the next cell centre."""
+
+    def __init__(self, maze, kp: float = 10.0, kd: float = -1.0):
+        self.maze, self.kp, self.kd = maze, kp, kd
+        self.free = np.array([[c != 1 for c in row] for row in maze.maze_map])
+        self._goal_cell, self._dist = None, None
+
+    def _bfs(self, goal_cell):
+        dist = np.full(self.free.shape, np.inf)
+        dist[goal_cell] = 0
+        frontier = deque([goal_cell])
+        while frontier:
+            i, j = frontier.popleft()
+            for di, dj in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+                n = (i + di, j + dj)
+                if 0 <= n[0] < dist.shape[0] and 0 <= n[1] < dist.shape[1] and self.free[n] and dist[n] == np.inf:
+                    dist[n] = dist[i, j] + 1
+                    frontier.append(n)
+        return dist
+
+    def __call__(self, obs: dict) -> np.ndarray:
+        pos, vel, goal = obs["observation"][:2], obs["observation"][2:4], obs["desired_goal"]
+        goal_cell = tuple(int(v) for v in self.maze.cell_xy_to_rowcol(goal))
+        if goal_cell != self._goal_cell:
+            self._goal_cell, self._dist = goal_cell, self._bfs(goal_cell)
+        cell = tuple(int(v) for v in self.maze.cell_xy_to_rowcol(pos))
+        target = goal
+        if cell != goal_cell and self._dist[cell] < np.inf:
+            best = min(((cell[0] + di, cell[1] + dj) for di, dj in ((1, 0), (-1, 0), (0, 1), (0, -1))),
+                       key=lambda n: self._dist[n] if 0 <= n[0] < self._dist.shape[0]
+                       and 0 <= n[1] < self._dist.shape[1] else np.inf)
+            target = self.maze.cell_rowcol_to_xy(np.array(best))
+        return np.clip(self.kp * (target - pos) + self.kd * vel, -1.0, 1.0).astype(np.float32)
+
+
+def maze_rollouts(args: Args, maze: str, num_steps: int):
+    import gymnasium_robotics
+    from minari.data_collector import EpisodeBuffer
+    gym.register_envs(gymnasium_robotics)
+    cfg = MAZES[maze]
+    env = gym.make(cfg["gym_id"], continuing_task=True, reset_target=False, max_episode_steps=args.maze_episode_len)
+    controller = WaypointController(env.unwrapped.maze)
+    episodes, goals, total, t0 = [], 0, 0, time.time()
+    while total < num_steps:
+        obs, _ = env.reset(seed=args.seed + len(episodes))
+        o, a, r, te, tr, succ = [obs], [], [], [], [], [False]
+        while True:
+            act = controller(obs)
+            obs, rew, term, trunc, info = env.step(act)
+            total += 1
+            o.append(obs), a.append(act), r.append(rew), te.append(term), tr.append(trunc)
+            succ.append(bool(info["success"]))
+            if info["success"]:  # D4RL style: a reached goal is replaced by a random goal in another cell
+                u = env.unwrapped
+                while np.linalg.norm((goal := u.generate_target_goal()) - obs["achieved_goal"]) < u.maze.maze_size_scaling:
+                    pass
+                u.goal = u.add_xy_position_noise(goal)
+                u.update_target_site_pos()
+            if total >= num_steps and not (term or trunc):
+                trunc = tr[-1] = True
+            if term or trunc:
+                break
+        goals += int(np.sum(np.diff(np.asarray(succ, int)) == 1))
+        episodes.append(EpisodeBuffer(id=len(episodes), observations={k: np.asarray([x[k] for x in o], np.float64)
+                                                                      for k in o[0]},
+                                      actions=np.asarray(a, np.float32), rewards=np.asarray(r, np.float64),
+                                      terminations=np.asarray(te, bool), truncations=np.asarray(tr, bool),
+                                      infos={"success": np.asarray(succ, bool)}))
+    log(f"maze2d-{maze}: {total} steps, {len(episodes)} episodes, {goals} goals reached, {time.time() - t0:.0f} s")
+    return env, episodes, goals
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+def dataset_root():
+    from minari.storage.datasets_root_dir import get_dataset_path
+    return str(get_dataset_path())
+
+
+def check_absent(dataset_id: str, overwrite: bool):
+    if not overwrite and os.path.exists(os.path.join(dataset_root(), dataset_id)):
+        raise SystemExit(f"error: Minari dataset {dataset_id!r} already exists in {dataset_root()}; "
+                         f"pass --overwrite to replace it")
+
+
+def write_dataset(dataset_id: str, episodes, env, eval_env, ref_min_score: float, ref_max_score: float,
+                  algorithm_name: str, description: dict, overwrite: bool):
+    """Build the dataset under a hidden temporary root in the Minari store, then rename it into place."""
+    import minari
+    from minari.namespace import NAMESPACE_METADATA_FILENAME
+    check_absent(dataset_id, overwrite)
+    root = dataset_root()
+    tmp_root = tempfile.mkdtemp(prefix=".tmp-collect-", dir=root)
+    old_env = os.environ.get("MINARI_DATASETS_PATH")
+    try:
+        os.environ["MINARI_DATASETS_PATH"] = tmp_root
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # author/email/code_permalink are left unset on purpose
+            minari.create_dataset_from_buffers(
+                dataset_id, episodes, env=env, eval_env=eval_env, algorithm_name=algorithm_name,
+                ref_min_score=ref_min_score, ref_max_score=ref_max_score,
+                description=json.dumps(description, default=str))
+        if old_env is None:
+            del os.environ["MINARI_DATASETS_PATH"]
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = old_env
+        parts = dataset_id.split("/")[:-1]
+        for i in range(1, len(parts) + 1):  # namespaces: create them in the real store (metadata file included)
+            ns = "/".join(parts[:i])
+            os.makedirs(os.path.join(root, ns), exist_ok=True)
+            meta = os.path.join(root, ns, NAMESPACE_METADATA_FILENAME)
+            if not os.path.exists(meta):
+                shutil.copyfile(os.path.join(tmp_root, ns, NAMESPACE_METADATA_FILENAME), meta)
+        final = os.path.join(root, dataset_id)
+        if os.path.exists(final):
+            check_absent(dataset_id, overwrite)
+            os.rename(final, os.path.join(tmp_root, "replaced"))
+        os.rename(os.path.join(tmp_root, dataset_id), final)
+    finally:
+        if old_env is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = old_env
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    stats = dataset_stats(minari.load_dataset(dataset_id))
+    log(f"wrote {dataset_id} to {os.path.join(root, dataset_id)}: {stats}")
+    return stats
+
+
+def dataset_stats(dataset) -> dict:
+    import minari
+    returns = np.array([float(np.sum(ep.rewards)) for ep in dataset.iterate_episodes()])
+    return dict(episodes=dataset.total_episodes, steps=dataset.total_steps, mean_return=float(returns.mean()),
+                mean_normalized_return=float(np.mean(minari.get_normalized_score(dataset, returns))))
+
+
+# --------------------------------------------------------------------------------------------------------- main
+def build_mujoco(args: Args, env_name: str, level: str, overwrite: bool) -> dict:
+    cfg = SAC_ENVS[env_name]
+    dataset_id = DATASETS[f"{env_name}-{level}"]
+    check_absent(dataset_id, overwrite)
+    num_steps = args.num_steps or DEFAULT_NUM_STEPS
+    env = gym.make(cfg["gym_id"])
+    rng = np.random.default_rng(args.seed + 1)
+    description = dict(collector="collect_datasets.py", level=level, args=dataclasses.asdict(args),
+                       gym_id=cfg["gym_id"])
+    if level == "random":
+        episodes, returns = rollouts(env, None, num_steps, args.seed, rng, f"{env_name}-random")
+        algorithm = "uniform random actions"
+    elif level in ("medium", "expert"):
+        point = train_sac(args, env_name, level)
+        save_policy(policy_file(args, env_name, level), point["actor"], point["obs_dim"], point["act_dim"],
+                    point["return"], point["step"])
+        policy = NumpyActor(point["actor"], rng, deterministic=args.deterministic_rollouts)
+        episodes, returns = rollouts(env, policy, num_steps, args.seed, rng, f"{env_name}-{level}")
+        algorithm = f"SAC ({level} point) rollouts, {'deterministic' if args.deterministic_rollouts else 'stochastic'}"
+        description["policy"] = {k: point[k] for k in ("return", "step", "cut", "target", "evals")}
+    elif level == "medium-replay":
+        point = train_sac(args, env_name, "medium")
+        episodes = replay_episodes(point["replay"])
+        returns = [float(np.sum(ep.rewards)) for ep in episodes]
+        algorithm = "SAC replay buffer up to the medium point"
+        description["policy"] = {k: point[k] for k in ("return", "step", "cut", "target", "evals")}
+    elif level == "medium-expert":
+        import minari
+        parts = {}
+        for sub in ("medium", "expert"):
+            sub_id = DATASETS[f"{env_name}-{sub}"]
+            if sub_id not in minari.list_local_datasets():
+                build_mujoco(args, env_name, sub, overwrite=False)
+            parts[sub] = minari.load_dataset(sub_id)
+            description[sub] = json.loads(parts[sub].storage.metadata.get("description", "{}"))
+        episodes = episodes_of(parts["medium"]) + episodes_of(parts["expert"])
+        returns = []
+        algorithm = "SAC medium rollouts + SAC expert rollouts"
+    else:
+        raise ValueError(level)
+    description["behaviour_returns_mean"] = float(np.mean(returns)) if returns else None
+    return write_dataset(dataset_id, episodes, env.spec, cfg["gym_id"], cfg["ref_min_score"], cfg["ref_max_score"],
+                         algorithm, description, overwrite)
+
+
+def build_maze(args: Args, maze: str) -> dict:
+    import gymnasium_robotics
+    gym.register_envs(gymnasium_robotics)
+    cfg, dataset_id = MAZES[maze], DATASETS[f"maze2d-{maze}"]
+    check_absent(dataset_id, args.overwrite)
+    env, episodes, goals = maze_rollouts(args, maze, args.num_steps or DEFAULT_NUM_STEPS)
+    eval_env = gym.make(cfg["gym_id"], continuing_task=True, reset_target=False, max_episode_steps=cfg["eval_steps"])
+    description = dict(collector="collect_datasets.py", level="waypoint controller", args=dataclasses.asdict(args),
+                       gym_id=cfg["gym_id"], goals_reached=goals)
+    return write_dataset(dataset_id, episodes, env.spec, eval_env.spec, cfg["ref_min_score"], cfg["ref_max_score"],
+                         "BFS waypoint + PD controller, random goals", description, args.overwrite)
+
+
+def main(args: Args):
+    if args.env_id not in DATASETS:
+        raise SystemExit(f"error: unknown --env-id {args.env_id!r}; use one of {', '.join(DATASETS)}")
+    if args.info:
+        dataset = load_dataset(args.env_id)
+        try:
+            policy = json.loads(dataset.storage.metadata.get("description", "{}")).get("policy", {})
+        except ValueError:  # a dataset from Minari's remote store: free-text description
+            policy = {}
+        print(json.dumps({"dataset_id": dataset.spec.dataset_id, **dataset_stats(dataset),
+                          **{f"policy_{k}": policy[k] for k in ("return", "step", "cut") if k in policy}}))
+        return
+    t0 = time.time()
+    name, level = args.env_id.split("-", 1)
+    stats = build_maze(args, level) if name == "maze2d" else build_mujoco(args, name, level, args.overwrite)
+    log(f"{args.env_id}: done in {(time.time() - t0) / 60:.1f} min: {stats}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
