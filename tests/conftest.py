@@ -15,3 +15,41 @@ def minari_store(tmp_path, monkeypatch):
     store.mkdir()
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(store))
     return store
+
+
+def write_tiny_dataset(dataset_id: str, env_name: str, steps: int, episode_len: int, action_fn, rng, ref_scores):
+    """Roll out `action_fn(act_dim)` in `env_name` for about `steps` transitions (episodes capped at `episode_len`) and
+    write them as Minari dataset `dataset_id` into the current MINARI_DATASETS_PATH."""
+    import gymnasium as gym
+    import minari
+    import numpy as np
+    from minari.data_collector import EpisodeBuffer
+
+    env, buffers, n = gym.make(env_name, max_episode_steps=episode_len), [], 0
+    while n < steps:
+        obs, _ = env.reset(seed=int(rng.integers(1 << 30)))
+        o, a, r, te, tr = [obs], [], [], [], []
+        while True:
+            act = action_fn(env.action_space.shape[0]).astype(np.float32)
+            obs, rew, term, trunc, _ = env.step(act)
+            o.append(obs), a.append(act), r.append(rew), te.append(term), tr.append(trunc and not term)
+            if term or trunc:
+                break
+        n += len(a)
+        buffers.append(EpisodeBuffer(observations=np.array(o), actions=np.array(a), rewards=np.array(r),
+                                     terminations=np.array(te), truncations=np.array(tr)))
+    minari.create_dataset_from_buffers(dataset_id, buffers, env=env, eval_env=env_name, ref_min_score=ref_scores[0],
+                                       ref_max_score=ref_scores[1], algorithm_name="test", description="tiny test dataset")
+
+
+@pytest.fixture(scope="module")
+def module_minari_store(tmp_path_factory):
+    """An empty temporary MINARI_DATASETS_PATH for the whole module (restored afterwards); yields its path."""
+    root = str(tmp_path_factory.mktemp("minari"))
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = root
+    yield root
+    if old is None:
+        os.environ.pop("MINARI_DATASETS_PATH")
+    else:
+        os.environ["MINARI_DATASETS_PATH"] = old

@@ -17,53 +17,24 @@ sys.path.insert(0, ROOT)
 import pets_baseline as pb  # noqa: E402
 import pgd_iql  # noqa: E402
 import pgd_td3bc  # noqa: E402
+from conftest import write_tiny_dataset  # noqa: E402
 
 NO_WRITER = types.SimpleNamespace(add_scalar=lambda *a, **k: None)
 torch.set_num_threads(1)  # small nets: extra threads only add contention on a shared CPU
 
 
 # ---------------------------------------------------------------- tiny local Minari store
-def _collect(env_name: str, steps: int, episode_len: int, action_fn, rng):
-    import gymnasium as gym
-    from minari.data_collector import EpisodeBuffer
-    env, buffers, n = gym.make(env_name, max_episode_steps=episode_len), [], 0
-    while n < steps:
-        obs, _ = env.reset(seed=int(rng.integers(1 << 30)))
-        o, a, r, te, tr = [obs], [], [], [], []
-        while True:
-            act = action_fn(env.action_space.shape[0]).astype(np.float32)
-            obs, rew, term, trunc, _ = env.step(act)
-            o.append(obs), a.append(act), r.append(rew), te.append(term), tr.append(trunc and not term)
-            if term or trunc:
-                break
-        n += len(a)
-        buffers.append(EpisodeBuffer(observations=np.array(o), actions=np.array(a), rewards=np.array(r),
-                                     terminations=np.array(te), truncations=np.array(tr)))
-    return env, buffers
-
-
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(module_minari_store):
     """Tiny `mujoco/{halfcheetah,hopper,walker2d}/medium-v0` datasets in a temporary Minari store (set for the module)."""
-    import minari
-    root = str(tmp_path_factory.mktemp("minari"))
-    old = os.environ.get("MINARI_DATASETS_PATH")
-    os.environ["MINARI_DATASETS_PATH"] = root
     rng = np.random.default_rng(0)
     gentle = lambda d: np.clip(rng.normal(0, 0.3, d), -1, 1)  # noqa: E731
     wild = lambda d: rng.uniform(-1, 1, d)  # noqa: E731  (Walker2d: reaches the +-10 velocity clip)
     for env_name, short, steps, fn, ref in (("HalfCheetah-v5", "halfcheetah", 1200, gentle, (-280.2, 12135.0)),
                                             ("Hopper-v5", "hopper", 400, gentle, (-20.3, 3234.3)),
                                             ("Walker2d-v5", "walker2d", 400, wild, (1.6, 4592.3))):
-        env, buffers = _collect(env_name, steps, 60, fn, rng)
-        minari.create_dataset_from_buffers(f"mujoco/{short}/medium-v0", buffers, env=env, eval_env=env_name,
-                                           ref_min_score=ref[0], ref_max_score=ref[1], algorithm_name="test",
-                                           description="tiny test dataset")
-    yield root
-    if old is None:
-        os.environ.pop("MINARI_DATASETS_PATH")
-    else:
-        os.environ["MINARI_DATASETS_PATH"] = old
+        write_tiny_dataset(f"mujoco/{short}/medium-v0", env_name, steps, 60, fn, rng, ref)
+    return module_minari_store
 
 
 def real_transitions(short_name: str):

@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import pgd_iql  # noqa: E402
 import pgd_td3bc  # noqa: E402
+from conftest import write_tiny_dataset  # noqa: E402
 
 SCRIPTS = [pgd_iql, pgd_td3bc]
 OBS, ACT = 3, 2
@@ -278,38 +279,12 @@ def test_shared_blocks_have_not_drifted():
 
 # ---------------------------------------------------------------- end to end (tiny local Minari dataset)
 @pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory):
+def tiny_store(module_minari_store):
     """A tiny local `mujoco/hopper/medium-replay-v0` (noisy random policy) in a temporary Minari store."""
-    import gymnasium as gym
-    import minari
-    from minari.data_collector import EpisodeBuffer
-
-    root = str(tmp_path_factory.mktemp("minari"))
-    old = os.environ.get("MINARI_DATASETS_PATH")
-    os.environ["MINARI_DATASETS_PATH"] = root
-    try:
-        env, rng, buffers, n = gym.make("Hopper-v5", max_episode_steps=60), np.random.default_rng(0), [], 0
-        while n < 1500:
-            obs, _ = env.reset(seed=int(rng.integers(1 << 30)))
-            o, a, r, te, tr = [obs], [], [], [], []
-            while True:
-                act = np.clip(rng.normal(0, 0.3, 3), -1, 1).astype(np.float32)
-                obs, rew, term, trunc, _ = env.step(act)
-                o.append(obs), a.append(act), r.append(rew), te.append(term), tr.append(trunc and not term)
-                if term or trunc:
-                    break
-            n += len(a)
-            buffers.append(EpisodeBuffer(observations=np.array(o), actions=np.array(a), rewards=np.array(r),
-                                         terminations=np.array(te), truncations=np.array(tr)))
-        minari.create_dataset_from_buffers("mujoco/hopper/medium-replay-v0", buffers, env=env, eval_env="Hopper-v5",
-                                           ref_min_score=-20.272305, ref_max_score=3234.3, algorithm_name="test",
-                                           description="tiny test dataset")
-    finally:
-        if old is None:
-            os.environ.pop("MINARI_DATASETS_PATH")
-        else:
-            os.environ["MINARI_DATASETS_PATH"] = old
-    return root
+    rng = np.random.default_rng(0)
+    write_tiny_dataset("mujoco/hopper/medium-replay-v0", "Hopper-v5", 1500, 60,
+                       lambda d: np.clip(rng.normal(0, 0.3, d), -1, 1), rng, (-20.272305, 3234.3))
+    return module_minari_store
 
 
 TINY = ["--env-id", "hopper-medium-replay", "--horizon", "8", "--diffuser-channels", "16", "--diffuser-mults", "1", "2",
@@ -364,36 +339,31 @@ def test_same_seed_same_numbers(tiny_store, tmp_path):
     assert all(torch.equal(wa[k], wc[k]) for k in wa) and results(c)[0]["history"] == ha
 
 
-def test_compiled_guided_sampler_matches_eager():
-    """torch.compile(fullgraph=True) of the guided step (torch.func.grad inside) gives the eager samples."""
+def small_unet_samples(**kw) -> torch.Tensor:
+    """Guided samples of a small random U-Net denoiser; the same noise on every call."""
     channels = OBS + ACT + 2
     agent = make_policy_agent(pgd_iql, 0.5)
-    den = pgd_iql.build_denoiser(dict(diffuser_channels=8, diffuser_mults=(1, 1), diffuser_kernel_size=3, sigma_data=0.5),
+    torch.manual_seed(0)
+    den = pgd_iql.build_denoiser(dict(diffuser_channels=16, diffuser_mults=(1, 2), diffuser_kernel_size=3, sigma_data=0.5),
                                  channels).requires_grad_(False)
     torch.nn.init.normal_(den.net.out[-1].weight, std=0.1)
-    samples = {}
-    for compile in (False, True):
-        args = sampler_args(pgd_iql, sampler_steps=4, guidance_coef=0.5, compile=compile)
-        sampler = pgd_iql.GuidedEDMSampler(den, identity_normalizer(pgd_iql, channels), OBS, ACT, args, agent.log_prob)
-        samples[compile] = sampler(16, 4, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(samples[True], samples[False], rtol=1e-3, atol=2e-3)  # fused float ops differ slightly
+    args = sampler_args(pgd_iql, guidance_coef=0.5, **kw)
+    sampler = pgd_iql.GuidedEDMSampler(den, identity_normalizer(pgd_iql, channels), OBS, ACT, args, agent.log_prob)
+    return sampler(64, 8, torch.Generator().manual_seed(0))
+
+
+def test_compiled_guided_sampler_matches_eager():
+    """torch.compile(fullgraph=True) of the guided step (torch.func.grad inside) gives the eager samples."""
+    compiled, eager = small_unet_samples(sampler_steps=4, compile=True), small_unet_samples(sampler_steps=4)
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=2e-3)  # fused float ops differ slightly
 
 
 def test_bf16_network_matches_fp32_samples():
     """--sampler-bf16 runs only F in bfloat16: with the same noise the samples stay close to float32's."""
-    channels = OBS + ACT + 2
-    agent = make_policy_agent(pgd_iql, 0.5)
-    den = pgd_iql.build_denoiser(dict(diffuser_channels=16, diffuser_mults=(1, 2), diffuser_kernel_size=3, sigma_data=0.5),
-                                 channels).requires_grad_(False)
-    torch.nn.init.normal_(den.net.out[-1].weight, std=0.1)
-    samples = {}
-    for bf16 in (False, True):
-        args = sampler_args(pgd_iql, sampler_steps=16, guidance_coef=0.5, sampler_bf16=bf16)
-        sampler = pgd_iql.GuidedEDMSampler(den, identity_normalizer(pgd_iql, channels), OBS, ACT, args, agent.log_prob)
-        samples[bf16] = sampler(64, 8, torch.Generator().manual_seed(0))
-    assert not torch.equal(samples[True], samples[False])  # bf16 really ran
+    bf16, fp32 = small_unet_samples(sampler_steps=16, sampler_bf16=True), small_unet_samples(sampler_steps=16)
+    assert not torch.equal(bf16, fp32)  # bf16 really ran
     rms = lambda t: t.pow(2).mean().sqrt()  # noqa: E731
-    assert rms(samples[True] - samples[False]) < 0.01 * rms(samples[False])
+    assert rms(bf16 - fp32) < 0.01 * rms(fp32)
 
 
 def test_compile_flag_end_to_end(tiny_store, tmp_path):
