@@ -60,6 +60,9 @@ class BenchArgs:
     """timed agent updates per repeat"""
     seed: int = 0
     """seed of the random weights and inputs"""
+    profile: bool = False
+    """instead of the table: where the time of the (compiled, guided) sampler goes, by torch.profiler (top ops by
+    self CPU time over 16 sampler steps)"""
 
 
 # The U-Net closest to the JAX comparison model, and the scripts' CPU default diffuser.
@@ -111,8 +114,7 @@ def random_denoiser(args, data_dim: int, device: torch.device):
     return denoiser
 
 
-def bench_sampler(b: BenchArgs, diffuser: dict, guided: bool, compiled: bool, device: torch.device,
-                  bf16: bool = False) -> dict:
+def build_sampler(b: BenchArgs, diffuser: dict, guided: bool, compiled: bool, device: torch.device, bf16: bool):
     data_dim = b.obs_dim + b.act_dim + 2
     args = make_args(pgd_iql, **diffuser, horizon=b.horizon, sampler_steps=b.sampler_steps, compile=compiled,
                      device=str(device), guidance_coef=0.1 if guided else 0.0, sampler_bf16=bf16)
@@ -122,6 +124,12 @@ def bench_sampler(b: BenchArgs, diffuser: dict, guided: bool, compiled: bool, de
     agent = pgd_iql.Agent(b.obs_dim, b.act_dim, args, random_stats(b.obs_dim)).to(device)
     sampler = pgd_iql.GuidedEDMSampler(denoiser, normalizer, b.obs_dim, b.act_dim, args,
                                        agent.log_prob if guided else None)
+    return sampler, sum(p.numel() for p in denoiser.parameters())
+
+
+def bench_sampler(b: BenchArgs, diffuser: dict, guided: bool, compiled: bool, device: torch.device,
+                  bf16: bool = False) -> dict:
+    sampler, params = build_sampler(b, diffuser, guided, compiled, device, bf16)
     gen = torch.Generator().manual_seed(b.seed)
     run = lambda: sampler(b.sampler_batch, b.horizon, gen)  # noqa: E731
     sync(device)
@@ -130,7 +138,7 @@ def bench_sampler(b: BenchArgs, diffuser: dict, guided: bool, compiled: bool, de
     sync(device)
     first = time.perf_counter() - t0
     t = best_time(run, b.repeats, device)
-    return dict(params=sum(p.numel() for p in denoiser.parameters()), traj_per_s=b.sampler_batch / t, batch_s=t,
+    return dict(params=params, traj_per_s=b.sampler_batch / t, batch_s=t,
                 eval_ms=t / (2 * b.sampler_steps - 1) * 1e3, compile_s=max(0.0, first - t) if compiled else None)
 
 
@@ -179,6 +187,22 @@ def bench_agent(module, b: BenchArgs, device: torch.device) -> dict:
     return dict(updates_per_s=b.agent_updates / t, batch=batch_size)
 
 
+def profile_sampler(b: BenchArgs, diffuser: dict, compiled: bool, device: torch.device):
+    """Print the top ops (self CPU time) of a compiled guided sampler run, and the share spent in convolutions."""
+    sampler, params = build_sampler(b, diffuser, True, compiled, device, False)
+    gen = torch.Generator().manual_seed(b.seed)
+    sampler(b.sampler_batch, b.horizon, gen)  # warm-up / compilation
+    with torch.profiler.profile() as prof:
+        sampler(b.sampler_batch, b.horizon, gen)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=10))
+    print(f"{params / 1e6:.2f}M params, {b.sampler_steps} steps, batch {b.sampler_batch}: "
+          f"{total / 1e6:.2f} s profiled, convolutions {100 * conv / max(total, 1):.0f}% "
+          f"({conv / 1e3 / (2 * b.sampler_steps - 1):.2f} ms per denoiser eval)")
+
+
 def machine_info(device: torch.device) -> list[str]:
     cpu = platform.processor() or "unknown"
     try:
@@ -205,6 +229,9 @@ def main(b: BenchArgs):
     bench_diffuser = QUICK_DIFFUSER if b.quick else BENCH_DIFFUSER
     cpu_default = QUICK_DIFFUSER if b.quick else {k: getattr(pgd_iql.Args, k) for k in BENCH_DIFFUSER}
     print("\n".join(machine_info(device)), flush=True)
+    if b.profile:
+        return profile_sampler(dataclasses.replace(b, sampler_steps=min(b.sampler_steps, 16)), bench_diffuser,
+                               compiled, device)
 
     rows = []
     # bf16 rows only where the script has the `sampler_bf16` option (float32 network otherwise)

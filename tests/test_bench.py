@@ -1,4 +1,5 @@
-"""Smoke test of bench.py: `--quick` runs end to end and prints the markdown table (no timing asserts)."""
+"""Smoke tests of bench.py: `--quick` prints the markdown table, `--quick --profile` the op breakdown (no timing
+asserts)."""
 import os
 import subprocess
 import sys
@@ -17,3 +18,11 @@ def test_bench_quick_prints_table():
     if os.path.exists(os.path.join(ROOT, "pgd_td3bc.py")):
         assert "| agent updates, TD3+BC |" in out.stdout
     assert "torch " in out.stdout and "command: `" in out.stdout
+
+
+def test_bench_profile_reports_convolution_share():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--quick", "--profile"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "aten::" in out.stdout and "convolutions" in out.stdout and "ms per denoiser eval" in out.stdout
+    assert "| measurement | rate | details |" not in out.stdout  # --profile replaces the table
