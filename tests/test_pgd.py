@@ -235,17 +235,24 @@ def test_transitions_from_windows_line_up_with_real_transitions():
 
 
 # ---------------------------------------------------------------- agents
+def fit_actions(agent, steps: int = 400):
+    """`steps` agent updates on a fixed batch whose actions are a smooth function of the observations; returns
+    (obs, actions, the last losses, the actor's squared error to the actions before training)."""
+    obs = torch.randn(256, OBS)
+    actions = torch.tanh(obs[:, :ACT] * 0.8)
+    batch = dict(obs=obs, actions=actions, rewards=torch.randn(256), next_obs=torch.randn(256, OBS), dones=torch.zeros(256))
+    before = ((agent.act(obs) - actions) ** 2).mean().item()
+    for _ in range(steps):
+        losses = agent.update(batch)
+    return obs, actions, losses, before
+
+
 def test_td3bc_losses_and_bc_term_pulls_actor_to_dataset_actions():
     torch.manual_seed(0)
     args = pgd_td3bc.Args(hidden_dim=32, alpha=0.0, total_steps=400)  # alpha 0: the actor loss is pure BC
     stats = dict(obs_mean=torch.zeros(OBS), obs_std=torch.ones(OBS), return_min=0.0, return_max=1.0)
     agent = pgd_td3bc.Agent(OBS, ACT, args, stats)
-    obs = torch.randn(256, OBS)
-    actions = torch.tanh(obs[:, :ACT] * 0.8)
-    batch = dict(obs=obs, actions=actions, rewards=torch.randn(256), next_obs=torch.randn(256, OBS), dones=torch.zeros(256))
-    before = ((agent.act(obs) - actions) ** 2).mean().item()
-    for _ in range(400):
-        losses = agent.update(batch)
+    obs, actions, losses, before = fit_actions(agent)
     assert set(losses) == {"losses/qf_loss", "losses/actor_loss", "losses/bc_loss"}
     assert all(v.shape == () and torch.isfinite(v) for v in losses.values())
     assert ((agent.act(obs) - actions) ** 2).mean().item() < 0.1 * before
@@ -257,12 +264,7 @@ def test_iql_update_shapes_and_awr_fits_actions():
     stats = dict(obs_mean=torch.zeros(OBS), obs_std=torch.ones(OBS), return_min=0.0, return_max=10.0)
     agent = pgd_iql.Agent(OBS, ACT, args, stats)
     assert agent.reward_scale == 100.0
-    obs = torch.randn(256, OBS)
-    actions = torch.tanh(obs[:, :ACT] * 0.8)
-    batch = dict(obs=obs, actions=actions, rewards=torch.randn(256), next_obs=torch.randn(256, OBS), dones=torch.zeros(256))
-    before = ((agent.act(obs) - actions) ** 2).mean().item()
-    for _ in range(400):
-        losses = agent.update(batch)
+    obs, actions, losses, before = fit_actions(agent)
     assert all(v.shape == () and torch.isfinite(v) for v in losses.values())
     assert ((agent.act(obs) - actions) ** 2).mean().item() < 0.2 * before
     assert agent.log_prob(obs, actions).shape == (256,)
