@@ -853,12 +853,12 @@ def save_figures(run_dir: str, args: Args, trajs, sweep, ends, reference) -> lis
     paths.append(os.path.join(run_dir, "toy2d_sweep.png"))
     fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
     plt.close(fig)
-    fig = plt.figure(figsize=(15, 6.6))
+    fig = plt.figure(figsize=(15, 6.6), layout="constrained")
     sub_top, sub_bottom = fig.subfigures(2, 1)
     plot_panel(sub_top.subplots(1, 5), args, trajs)
     plot_sweep(sub_bottom.subplots(1, 4), args, sweep, ends, reference)
     paths.append(os.path.join(run_dir, "toy2d.png"))
-    fig.savefig(paths[-1], dpi=64)
+    fig.savefig(paths[-1], dpi=72, bbox_inches="tight")
     plt.close(fig)
     return paths
 
