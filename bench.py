@@ -61,8 +61,8 @@ class BenchArgs:
     seed: int = 0
     """seed of the random weights and inputs"""
     profile: bool = False
-    """instead of the table: where the time of the (compiled, guided) sampler goes, by torch.profiler (top ops by
-    self CPU time over 16 sampler steps)"""
+    """instead of the table: where the time of the guided sampler goes (compiled unless --quick or --no-compile), by
+    torch.profiler (top ops by self CPU time over 16 sampler steps)"""
 
 
 # The U-Net closest to the JAX comparison model, and the scripts' CPU default diffuser.
@@ -188,7 +188,7 @@ def bench_agent(module, b: BenchArgs, device: torch.device) -> dict:
 
 
 def profile_sampler(b: BenchArgs, diffuser: dict, compiled: bool, device: torch.device):
-    """Print the top ops (self CPU time) of a compiled guided sampler run, and the share spent in convolutions."""
+    """Print the top ops (self CPU time) of one guided sampler run after a warm-up, and the share in convolutions."""
     sampler, params = build_sampler(b, diffuser, True, compiled, device, False)
     gen = torch.Generator().manual_seed(b.seed)
     sampler(b.sampler_batch, b.horizon, gen)  # warm-up / compilation

@@ -1,6 +1,7 @@
 """Smoke tests of bench.py: `--quick` prints the markdown table, `--quick --profile` the op breakdown (no timing
 asserts)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -24,5 +25,7 @@ def test_bench_profile_reports_convolution_share():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--quick", "--profile"], cwd=ROOT,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "aten::" in out.stdout and "convolutions" in out.stdout and "ms per denoiser eval" in out.stdout
+    assert "aten::" in out.stdout and "ms per denoiser eval" in out.stdout
+    share = float(re.search(r"convolutions (\d+)%", out.stdout).group(1))
+    assert 0 < share <= 100  # the U-Net's convolutions are found among the profiled ops
     assert "| measurement | rate | details |" not in out.stdout  # --profile replaces the table

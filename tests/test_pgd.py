@@ -344,8 +344,8 @@ def test_same_seed_same_numbers(tiny_store, tmp_path):
 def small_unet_samples(**kw) -> torch.Tensor:
     """Guided samples of a small random U-Net denoiser; the same noise on every call."""
     channels = OBS + ACT + 2
-    agent = make_policy_agent(pgd_iql, 0.5)
     torch.manual_seed(0)
+    agent = make_policy_agent(pgd_iql, 0.5)
     den = pgd_iql.build_denoiser(dict(diffuser_channels=16, diffuser_mults=(1, 2), diffuser_kernel_size=3, sigma_data=0.5),
                                  channels).requires_grad_(False)
     torch.nn.init.normal_(den.net.out[-1].weight, std=0.1)
