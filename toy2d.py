@@ -1,9 +1,10 @@
 """Policy-Guided Diffusion on a 2-D toy problem (Jackson et al., 2024, arXiv 2404.06356, Figures 2 and 3), on a CPU.
 
 A point agent starts at one location; its position moves by `step_size * action` (actions in [-1, 1]^2, positions
-clipped to a box, episodes of `episode_steps`). A noisy scripted *behaviour* policy heads to goal A and collects a small
-offline dataset; the *target* policy is a Gaussian heading to goal B. We then generate synthetic trajectories for the
-target policy in four ways and compare them with the target policy's real rollouts:
+clipped to a box, episodes of `episode_steps`; `--current` adds a downward current in the right half of the world).
+A noisy scripted *behaviour* policy heads to goal A and collects a small offline dataset; the *target* policy is a
+Gaussian heading to goal B. We then generate synthetic trajectories for the target policy in four ways and compare
+them with the target policy's real rollouts:
 
 1. a truncated autoregressive world model (ensemble of MLPs predicting the state change, k-step rollouts of the target
    policy from dataset states; also full-horizon rollouts from the start state, where its errors compound);
