@@ -75,10 +75,7 @@ class Args:
     step_size: float = 0.1
     """dynamics: s' = clip(s + step_size * (clip(a, -1, 1) + w(s)), -box, box), w the current below"""
     current: float = 0.0
-    """strength c of a downward current in the right half of the world, w(s) = (0, -c sigmoid((x - 0.1) / 0.1)); 0
-    (default) gives linear dynamics, which a small world model learns almost exactly wherever the data fans out. The
-    target's way to goal B crosses the current: with --current 0.5 --behaviour-goal-std 0.15 the data rarely does, so
-    the world model must extrapolate there and its error compounds with the rollout step"""
+    """strength c of a downward current w(s) = (0, -c sigmoid((x - 0.1) / 0.1)) in the right half (see README)"""
     box: float = 1.5
     """positions are clipped to [-box, box]^2"""
     start: tuple[float, float] = (0.0, 0.0)
@@ -134,8 +131,7 @@ class Args:
 
     # Guided EDM sampler (names read by the shared sampler code)
     sampler_steps: int = 128
-    """Heun steps of the EDM sampler (guided samples' one-step dynamics error falls from ~0.07 at 32 steps to ~0.03 at
-    128 with the default diffuser: more, smaller guidance steps let the denoiser move the states with the actions)"""
+    """Heun steps of the EDM sampler (guided one-step dynamics error ~0.07 at 32 steps, ~0.03 at 128; see README)"""
     sigma_min: float = 0.002
     """smallest noise level of the Karras schedule"""
     sigma_max: float = 80.0
