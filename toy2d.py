@@ -7,7 +7,7 @@ Gaussian heading to goal B. We then generate synthetic trajectories for the targ
 them with the target policy's real rollouts:
 
 1. a truncated autoregressive world model (ensemble of MLPs predicting the state change, k-step rollouts of the target
-   policy from dataset states; also full-horizon rollouts from the start state, where its errors compound);
+   policy from dataset states; also full-horizon rollouts from the start state, where its errors can compound);
 2. unguided trajectory diffusion (the shared EDM diffuser and sampler, guidance coefficient 0);
 3. policy-guided diffusion over a sweep of guidance coefficients lambda.
 
@@ -826,7 +826,7 @@ def plot_panel(axes, args: Args, trajs: dict[str, torch.Tensor]):
 def plot_sweep(axes, args: Args, sweep: list[dict], ends: dict[float, torch.Tensor], reference: dict[str, dict],
                curves: dict[str, list[float]]):
     """Figure 3: end points per lambda; target log-likelihood, goal distances and dynamics error against lambda; the
-    one-step dynamics error by trajectory step (the world model's compounds, the diffusion samples' need not)."""
+    one-step dynamics error by trajectory step (it rises where a world model's error compounds)."""
     lams = [s["guidance_coef"] for s in sweep]
     cmap = plt.get_cmap("viridis")
     draw_scene(axes[0], args, "end points of diffused trajectories")
