@@ -852,9 +852,9 @@ def plot_sweep(axes, args: Args, sweep: list[dict], ends: dict[float, torch.Tens
     for ax in axes[1:4]:
         ax.set_xticks(x, [f"{v:g}" for v in lams])
         ax.set_xlabel("guidance coefficient $\\lambda$", fontsize=8)
-    for i, (name, curve) in enumerate(curves.items()):
-        style = dict(color="tab:purple", lw=2) if name == "world model" else dict(color=cmap((i - 1) / max(1, len(curves) - 2)))
-        axes[4].plot(np.arange(len(curve)), curve, label=name, **style)
+    for i, (name, curve) in enumerate(curves.items()):  # the world model first, then the lambdas in sweep order
+        color = "tab:purple" if i == 0 else cmap((i - 1) / max(1, len(curves) - 2))
+        axes[4].plot(np.arange(len(curve)), curve, label=name, color=color, lw=2 if i == 0 else 1.5)
     axes[4].set_yscale("log")
     axes[4].set_title("one-step dynamics error by step", fontsize=9)
     axes[4].set_xlabel("trajectory step", fontsize=8)
