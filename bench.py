@@ -12,6 +12,7 @@ Usage: python bench.py                 (full benchmark, several minutes on a 2-c
 Rates are the best of `--repeats` timed runs (the machine may be shared; the load average is printed).
 """
 import dataclasses
+import functools
 import importlib
 import os
 import platform
@@ -117,14 +118,15 @@ def random_denoiser(args, data_dim: int, device: torch.device):
 def build_sampler(b: BenchArgs, diffuser: dict, guided: bool, compiled: bool, device: torch.device, bf16: bool):
     data_dim = b.obs_dim + b.act_dim + 2
     args = make_args(pgd_iql, **diffuser, horizon=b.horizon, sampler_steps=b.sampler_steps, compile=compiled,
-                     device=str(device), guidance_coef=0.1 if guided else 0.0, sampler_bf16=bf16)
+                     device=str(device), sampler_bf16=bf16)
     torch.manual_seed(b.seed)
     denoiser = random_denoiser(args, data_dim, device).requires_grad_(False)
     normalizer = pgd_iql.Normalizer(torch.randn(data_dim) * 0.1, torch.rand(data_dim) + 0.5).to(device)
-    agent = pgd_iql.Agent(b.obs_dim, b.act_dim, args, random_stats(b.obs_dim)).to(device)
-    sampler = pgd_iql.GuidedEDMSampler(denoiser, normalizer, b.obs_dim, b.act_dim, args,
-                                       agent.log_prob if guided else None)
-    return sampler, sum(p.numel() for p in denoiser.parameters())
+    agent = pgd_iql.make_agent(args, b.act_dim, random_stats(b.obs_dim)).to(device)
+    sampler = pgd_iql.GuidedEDMSampler(denoiser, normalizer, b.obs_dim, b.act_dim,
+                                       **{k: getattr(args, k) for k in pgd_iql.SAMPLER_FIELDS})
+    return functools.partial(sampler, log_prob_fn=agent.log_prob if guided else None, coef=0.1 if guided else 0.0), \
+        sum(p.numel() for p in denoiser.parameters())
 
 
 def bench_sampler(b: BenchArgs, diffuser: dict, guided: bool, compiled: bool, device: torch.device,
@@ -174,7 +176,7 @@ def bench_diffuser_training(b: BenchArgs, diffuser: dict, device: torch.device) 
 def bench_agent(module, b: BenchArgs, device: torch.device) -> dict:
     args = make_args(module, device=str(device), total_steps=10 ** 6)
     torch.manual_seed(b.seed)
-    agent = module.Agent(b.obs_dim, b.act_dim, args, random_stats(b.obs_dim)).to(device)
+    agent = module.make_agent(args, b.act_dim, random_stats(b.obs_dim)).to(device)
     batch_size = 8 if b.quick else args.batch_size
     batch = random_batch(batch_size, b.obs_dim, b.act_dim, device)
 

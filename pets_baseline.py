@@ -31,7 +31,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -44,7 +44,6 @@ from tqdm import tqdm
 
 # SHARED END: imports
 import csv
-import types
 
 
 @dataclass
@@ -95,12 +94,16 @@ class Args:
     """churn only for sigma in [S_tmin, S_tmax]"""
     S_noise: float = 1.003
     """churn noise inflation"""
+    euler_from_churned: bool = True
+    """take the Euler step from the churned point x_hat (EDM Algorithm 2); off: from the pre-churn x, as the official code"""
     guidance_cosine: float = 0.3
     """c in lambda_i = coef * (1 - i/N + c * sin(pi (i+1) / N))"""
     normalize_guidance: bool = True
-    """divide the guidance gradient by its norm per trajectory, g / (||g|| + 1e-8), so coef is a step length"""
+    """divide the guidance gradient by its norm per trajectory, g / (||g|| + 1e-8), so coef is a step length (official: off)"""
     guide_on_denoised: bool = False
-    """evaluate the policy gradient at the denoised estimate instead of the noisy sample"""
+    """evaluate the policy gradient at the denoised estimate D(x; sigma) (one more network call) instead of the noisy sample"""
+    sample_horizon: Optional[int] = None
+    """rows of the sampled PGD trajectories (default: the diffuser's training horizon; e.g. 129 as the paper samples)"""
     sample_batch_size: int = 256
     """trajectories sampled per batch"""
     sampler_bf16: bool = False
@@ -142,7 +145,7 @@ class Args:
     num_trajectories: int = 256
     """trajectories per method (PETS rollouts, PGD samples, dataset windows)"""
     rollout_length: Optional[int] = None
-    """transitions per trajectory (default and maximum with a diffuser: its horizon - 1; else 31)"""
+    """transitions per trajectory (default and maximum with a diffuser: the sampled length - 1; else 31)"""
     deterministic_rollouts: bool = False
     """if toggled, PETS rollouts take the target policy's mean action instead of a sample"""
     report_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 31)
@@ -235,16 +238,20 @@ def transitions_from_episodes(episodes: list[dict]) -> dict[str, np.ndarray]:
                 next_obs=np.concatenate([e["obs"][1:] for e in episodes]), dones=cat("terminals"))
 
 
-def transitions_from_windows(x: torch.Tensor, obs_dim: int, act_dim: int) -> dict[str, torch.Tensor]:
-    """Unnormalised windows [N, H, obs+act+2] -> transitions (s_t, a_t, r_t, s_{t+1}, d_t).
+def transitions_from_windows(x: torch.Tensor, obs_dim: int, act_dim: int, terminal_aware: bool = True
+                             ) -> dict[str, torch.Tensor]:
+    """Unnormalised windows [N, H, obs+act+2] -> transitions (s_t, a_t, r_t, s_{t+1}, d_t), d_t = terminal_t > 0.5.
 
-    Rows t < H-1 take s' from row t+1; the last row counts only if it is terminal. A row after the first terminal of
-    a window is not part of the trajectory and is dropped."""
+    Rows t < H-1 take s' from row t+1. `terminal_aware`: the last row counts only if it is terminal, and a row after
+    the first terminal of a window is not part of the trajectory and is dropped; otherwise every row but the last
+    (H-1 transitions per window, the official code's conversion)."""
     obs, pre_act = x[..., :obs_dim], x[..., obs_dim:obs_dim + act_dim]
     rewards, dones = x[..., -2], (x[..., -1] > 0.5).float()
-    after_terminal = (dones.cumsum(1) - dones) > 0
-    keep = ~after_terminal
-    keep[:, -1] &= dones[:, -1] > 0
+    keep = torch.ones_like(dones, dtype=torch.bool)
+    keep[:, -1] = False
+    if terminal_aware:
+        keep = (dones.cumsum(1) - dones) == 0
+        keep[:, -1] &= dones[:, -1] > 0
     next_obs = torch.cat([obs[:, 1:], obs[:, -1:]], 1)  # the last row's successor is never used (terminal or dropped)
     return dict(obs=obs[keep], actions=torch.tanh(pre_act[keep]), rewards=rewards[keep], next_obs=next_obs[keep],
                 dones=dones[keep])
@@ -301,7 +308,8 @@ class ResidualBlock(nn.Module):
 
 
 class TemporalUNet(nn.Module):
-    """1-D U-Net over time: [B, H, C] -> [B, H, C]; two residual blocks per level, skip connections per level."""
+    """1-D U-Net over time: [B, H, C] -> [B, H, C]; two residual blocks per level, skip connections per level. Any H:
+    a level halves the length (rounding up) and the way back resizes to the skip connection's length."""
 
     def __init__(self, data_dim: int, channels: int, mults: tuple[int, ...], kernel_size: int):
         super().__init__()
@@ -320,8 +328,7 @@ class TemporalUNet(nn.Module):
         for i, c in reversed(list(enumerate(dims))):
             c_next = dims[i - 1] if i > 0 else channels
             self.up.append(nn.ModuleList([ResidualBlock(2 * c, c, emb_dim, kernel_size),
-                                          ResidualBlock(c, c_next, emb_dim, kernel_size),
-                                          nn.Upsample(scale_factor=2, mode="nearest") if i > 0 else nn.Identity()]))
+                                          ResidualBlock(c, c_next, emb_dim, kernel_size)]))
         self.out = nn.Sequential(nn.GroupNorm(min(8, channels), channels), nn.SiLU(),
                                  nn.Conv1d(channels, data_dim, kernel_size, padding=kernel_size // 2))
         nn.init.zeros_(self.out[-1].weight)
@@ -337,8 +344,56 @@ class TemporalUNet(nn.Module):
             h = downsample(h)
         for block in self.mid:
             h = block(h, emb)
-        for block1, block2, upsample in self.up:
-            h = upsample(block2(block1(torch.cat([h, skips.pop()], 1), emb), emb))
+        for block1, block2 in self.up:
+            skip = skips.pop()
+            h = F.interpolate(h, size=skip.shape[-1], mode="nearest") if h.shape[-1] != skip.shape[-1] else h
+            h = block2(block1(torch.cat([h, skip], 1), emb), emb)
+        return self.out(h).transpose(1, 2)
+
+
+class PlainUNet(nn.Module):
+    """The official code's U-Net (its models/diffusion.py): per level a conv, plus the sigma embedding, then
+    GroupNorm-ReLU-conv-GroupNorm-ReLU; max-pooling down; up: nearest resize to the skip's length, a conv of kernel 2
+    ("same" padding, one zero on the right) plus the embedding, GroupNorm-ReLU, concatenation with the skip, two conv-GroupNorm-ReLU; a 1x1 conv out. No
+    residual connections, PyTorch's default initialisation. [B, H, C] -> [B, H, C], any H."""
+
+    def __init__(self, data_dim: int, channels: int, mults: tuple[int, ...], kernel_size: int):
+        super().__init__()
+        dims = [channels * m for m in mults]
+        half = channels // 8
+        self.register_buffer("freqs", torch.exp(-math.log(10_000) / max(1, half - 1) * torch.arange(half)))
+        self.embed = nn.Sequential(nn.Linear(2 * half, channels), nn.SiLU(), nn.Linear(channels, channels))
+
+        def conv(c_in: int, c_out: int, k: int = kernel_size) -> nn.Conv1d:
+            return nn.Conv1d(c_in, c_out, k, padding=k // 2 if k % 2 else 0)  # kernel 2: padded (0, 1) in forward
+
+        def norm_relu(c: int) -> list[nn.Module]:
+            return [nn.GroupNorm(8, c), nn.ReLU()]
+
+        self.down, self.up, c_prev = nn.ModuleList(), nn.ModuleList(), data_dim
+        for c in dims:
+            self.down.append(nn.ModuleList([conv(c_prev, c), nn.Linear(channels, c),
+                                            nn.Sequential(*norm_relu(c), conv(c, c), *norm_relu(c))]))
+            c_prev = c
+        for c in reversed(dims[:-1]):
+            self.up.append(nn.ModuleList([conv(c_prev, c, 2), nn.Linear(channels, c), nn.Sequential(*norm_relu(c)),
+                                          nn.Sequential(conv(2 * c, c), *norm_relu(c), conv(c, c), *norm_relu(c))]))
+            c_prev = c
+        self.out = nn.Conv1d(c_prev, data_dim, 1)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        angles = c_noise[:, None] * self.freqs
+        t = F.silu(self.embed(torch.cat([angles.sin(), angles.cos()], -1)))
+        h, skips = x.transpose(1, 2), []
+        for i, (conv_in, emb, rest) in enumerate(self.down):
+            h = rest(conv_in(h) + emb(t)[:, :, None])
+            skips.append(h)
+            h = F.max_pool1d(h, 2) if i < len(self.down) - 1 else h
+        skips.pop()
+        for conv_up, emb, norm, rest in self.up:
+            skip = skips.pop()
+            h = norm(conv_up(F.pad(F.interpolate(h, size=skip.shape[-1], mode="nearest"), (0, 1))) + emb(t)[:, :, None])
+            h = rest(torch.cat([h, skip], 1))
         return self.out(h).transpose(1, 2)
 
 
@@ -375,15 +430,16 @@ def edm_loss(denoiser: EDMDenoiser, x: torch.Tensor, P_mean: float, P_std: float
     return (weight[:, None, None] * (denoised - x) ** 2).mean()
 
 
-PAPER_SCALE = dict(diffuser_channels=128, diffuser_mults=(1, 2, 4), diffuser_kernel_size=5, diffuser_steps=100_000,
-                   diffuser_batch_size=256, sampler_steps=256, num_synthetic=1_000_000)
-DIFFUSER_FIELDS = ("horizon", "window_stride", "val_fraction", "diffuser_channels", "diffuser_mults",
-                   "diffuser_kernel_size", "diffuser_steps", "diffuser_batch_size", "diffuser_lr", "diffuser_warmup",
-                   "ema_decay", "sigma_data", "P_mean", "P_std", "seed")
+DIFFUSER_FIELDS = ("horizon", "window_stride", "val_fraction", "unet", "diffuser_channels", "diffuser_mults",
+                   "diffuser_kernel_size", "diffuser_steps", "diffuser_epochs", "diffuser_batch_size", "diffuser_lr",
+                   "diffuser_warmup", "diffuser_warmup_start", "ema_decay", "ema_every", "sigma_data", "P_mean", "P_std",
+                   "seed")
+UNETS = {"residual": TemporalUNet, "plain": PlainUNet}
 
 
 def build_denoiser(config: dict, data_dim: int) -> EDMDenoiser:
-    net = TemporalUNet(data_dim, config["diffuser_channels"], tuple(config["diffuser_mults"]), config["diffuser_kernel_size"])
+    unet = UNETS[config.get("unet", "residual")]
+    net = unet(data_dim, config["diffuser_channels"], tuple(config["diffuser_mults"]), config["diffuser_kernel_size"])
     return EDMDenoiser(net, config["sigma_data"])
 
 
@@ -399,44 +455,48 @@ def atomic_torch_save(obj, path: str):
             os.remove(tmp)
 
 
-def train_diffuser(args: Args, config: dict, windows: np.ndarray, val_windows: np.ndarray, writer: SummaryWriter,
+def train_diffuser(config: dict, windows: np.ndarray, val_windows: np.ndarray, writer: SummaryWriter,
                    device: torch.device) -> tuple[EDMDenoiser, Normalizer]:
-    """EDM training with Adam (linear warmup + cosine decay); returns the EMA denoiser and the normaliser."""
+    """EDM training with Adam (linear warmup from diffuser_warmup_start x the peak, then cosine decay to 0) as `config`
+    (the DIFFUSER_FIELDS of Args) says; returns the EMA denoiser and the normaliser."""
     normalizer = Normalizer.fit(windows).to(device)
     data = normalizer.normalize(torch.as_tensor(windows, device=device))
     val = normalizer.normalize(torch.as_tensor(val_windows, device=device))[:1024]
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(config["seed"])
     val_noise = torch.randn(val.shape, generator=gen, device=device)
     val_rnd = torch.randn(val.shape[0], generator=gen, device=device)
     denoiser = build_denoiser(config, data.shape[-1]).to(device)
     ema = build_denoiser(config, data.shape[-1]).to(device).requires_grad_(False)
     ema.load_state_dict(denoiser.state_dict())
-    optimizer = torch.optim.Adam(denoiser.parameters(), lr=args.diffuser_lr)
-    warmup, total = args.diffuser_warmup, args.diffuser_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (
+    optimizer = torch.optim.Adam(denoiser.parameters(), lr=config["diffuser_lr"])
+    batch_size, P_mean, P_std = config["diffuser_batch_size"], config["P_mean"], config["P_std"]
+    total = config["diffuser_epochs"] * max(1, len(data) // batch_size) or config["diffuser_steps"]
+    warmup, start_lr = max(1, round(config["diffuser_warmup"] * total)), config["diffuser_warmup_start"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (
+        start_lr + (1 - start_lr) * min(1.0, (s + 1) / warmup)) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, total - warmup)))))
     print(f"training diffuser: {sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M params, "
           f"{len(data)} windows of {tuple(data.shape[1:])}, {total} steps")
     start = time.time()
     bar = tqdm(range(total), desc="diffuser", mininterval=5, file=sys.stdout)
     for step in bar:
-        idx = torch.randint(len(data), (args.diffuser_batch_size,), generator=gen, device=device)
-        loss = edm_loss(denoiser, data[idx], args.P_mean, args.P_std,
-                        noise=torch.randn(data[idx].shape, generator=gen, device=device),
+        idx = torch.randint(len(data), (batch_size,), generator=gen, device=device)
+        loss = edm_loss(denoiser, data[idx], P_mean, P_std, noise=torch.randn(data[idx].shape, generator=gen, device=device),
                         rnd_normal=torch.randn(len(idx), generator=gen, device=device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
-                p_ema.lerp_(p, 1 - args.ema_decay)
+        if (step + 1) % config["ema_every"] == 0:
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
+                    p_ema.lerp_(p, 1 - config["ema_decay"])
         if step % 500 == 0 or step == total - 1:
             loss = loss.item()
             if not math.isfinite(loss):
                 raise SystemExit(f"error: diffusion loss is {loss} at step {step}; lower --diffuser-lr")
             with torch.no_grad():
-                val_loss = edm_loss(ema, val, args.P_mean, args.P_std, noise=val_noise, rnd_normal=val_rnd).item()
+                val_loss = edm_loss(ema, val, P_mean, P_std, noise=val_noise, rnd_normal=val_rnd).item()
             writer.add_scalar("diffusion/train_loss", loss, step)
             writer.add_scalar("diffusion/val_loss", val_loss, step)
             writer.add_scalar("diffusion/SPS", (step + 1) / (time.time() - start), step)
@@ -468,7 +528,7 @@ def get_diffuser(args: Args, dataset_id: str, windows: np.ndarray, val_windows: 
                              f"{windows.shape[-1]}; pass the checkpoint of this dataset")
         print(f"loaded diffuser {path}")
         return denoiser, normalizer
-    denoiser, normalizer = train_diffuser(args, config, windows, val_windows, writer, device)
+    denoiser, normalizer = train_diffuser(config, windows, val_windows, writer, device)
     atomic_torch_save(dict(ema=denoiser.state_dict(), mean=normalizer.mean, std=normalizer.std, config=config,
                            data_dim=windows.shape[-1], dataset_id=dataset_id), path)
     print(f"saved diffuser {path}")
@@ -493,87 +553,100 @@ def guidance_schedule(num_steps: int, coef: float, cosine: float) -> torch.Tenso
     return lam
 
 
+SAMPLER_FIELDS = ("sampler_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_tmin", "S_tmax", "S_noise",
+                  "euler_from_churned", "guidance_cosine", "normalize_guidance", "guide_on_denoised", "sampler_bf16",
+                  "compile")
+
+
 class GuidedEDMSampler(nn.Module):
     """EDM stochastic sampler (Algorithm 2: Heun with churn) over normalised windows, with policy guidance on the
-    action channels: after each step i (but the last), a <- a + lambda_i * g with g = grad_a log pi(tanh(unnorm a) |
-    unnorm s), optionally normalised per trajectory. `log_prob_fn(obs, action) -> [B, H]` is the target policy's
-    log-likelihood in environment units; None samples unguided."""
+    action channels: at the start of each step i (but the last), a <- a + lambda_i * g with g = grad_a log pi(tanh(
+    unnorm a) | unnorm s), optionally normalised per trajectory. The guidance (`log_prob_fn(obs, action) -> [B, H]`,
+    the target policy's log-likelihood in environment units, and its coefficient) is given at call time; without it
+    the sampler is unguided. The constructor's keywords are the Args fields of SAMPLER_FIELDS."""
 
-    def __init__(self, denoiser: EDMDenoiser, normalizer: Normalizer, obs_dim: int, act_dim: int, args: Args,
-                 log_prob_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None):
+    def __init__(self, denoiser: EDMDenoiser, normalizer: Normalizer, obs_dim: int, act_dim: int, *,
+                 sampler_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                 S_churn: float = 80.0, S_tmin: float = 0.05, S_tmax: float = 50.0, S_noise: float = 1.003,
+                 euler_from_churned: bool = True, guidance_cosine: float = 0.3, normalize_guidance: bool = True,
+                 guide_on_denoised: bool = False, sampler_bf16: bool = False, compile: bool = False):
         super().__init__()
-        self.denoiser, self.normalizer, self.log_prob_fn = denoiser, normalizer, log_prob_fn
-        self.obs_dim, self.act_dim = obs_dim, act_dim
-        self.num_steps, self.S_noise = args.sampler_steps, args.S_noise
-        self.normalize_guidance, self.guide_on_denoised = args.normalize_guidance, args.guide_on_denoised
-        self.t_steps = karras_sigmas(args.sampler_steps, args.sigma_min, args.sigma_max, args.rho)
-        in_churn = (self.t_steps[:-1] >= args.S_tmin) & (self.t_steps[:-1] <= args.S_tmax)
-        self.gammas = torch.where(in_churn, min(args.S_churn / args.sampler_steps, math.sqrt(2) - 1), 0.0)
-        self.lambdas = guidance_schedule(args.sampler_steps, args.guidance_coef, args.guidance_cosine)
-        self.bf16 = args.sampler_bf16
-        self.step_fn = torch.compile(self.step, fullgraph=True, dynamic=False) if args.compile else self.step
+        self.denoiser, self.normalizer, self.obs_dim, self.act_dim = denoiser, normalizer, obs_dim, act_dim
+        self.num_steps, self.S_noise, self.guidance_cosine = sampler_steps, S_noise, guidance_cosine
+        self.euler_from_churned, self.normalize_guidance = euler_from_churned, normalize_guidance
+        self.guide_on_denoised, self.bf16 = guide_on_denoised, sampler_bf16
+        self.t_steps = karras_sigmas(sampler_steps, sigma_min, sigma_max, rho)
+        in_churn = (self.t_steps[:-1] >= S_tmin) & (self.t_steps[:-1] <= S_tmax)
+        self.gammas = torch.where(in_churn, min(S_churn / sampler_steps, math.sqrt(2) - 1), 0.0)
+        self.step_fn = torch.compile(self.step, fullgraph=True, dynamic=False) if compile else self.step
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """D(x; sigma); with --sampler-bf16 the network F runs in bfloat16 autocast, D's output is float32."""
         with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16):
             return self.denoiser(x, sigma)
 
-    def action_score(self, x: torch.Tensor) -> torch.Tensor:
+    def action_score(self, x: torch.Tensor, log_prob_fn: Callable) -> torch.Tensor:
         """grad of sum_t log pi(tanh(unnorm a_t) | unnorm s_t) w.r.t. the normalised action channels [B, H, act_dim]."""
         o, a = slice(0, self.obs_dim), slice(self.obs_dim, self.obs_dim + self.act_dim)
         obs = x[..., o] * self.normalizer.std[o] + self.normalizer.mean[o]
 
         def log_likelihood(a_norm: torch.Tensor) -> torch.Tensor:
             action = torch.tanh(a_norm * self.normalizer.std[a] + self.normalizer.mean[a])
-            return self.log_prob_fn(obs, action).sum()
+            return log_prob_fn(obs, action).sum()
 
         return torch.func.grad(log_likelihood)(x[..., a])
 
-    def guide(self, x: torch.Tensor, x_eval: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        g = self.action_score(x_eval)
+    def guide(self, x: torch.Tensor, t_cur: torch.Tensor, lam: torch.Tensor, log_prob_fn: Callable) -> torch.Tensor:
+        """a <- a + lam * g, g evaluated at x (or at D(x; t_cur)) and divided by its norm per trajectory if asked."""
+        g = self.action_score(self.denoise(x, t_cur) if self.guide_on_denoised else x, log_prob_fn)
         if self.normalize_guidance:
             g = g / (g.flatten(1).norm(dim=1)[:, None, None] + 1e-8)
         a0, a1 = self.obs_dim, self.obs_dim + self.act_dim
         return torch.cat([x[..., :a0], x[..., a0:a1] + lam * g, x[..., a1:]], -1)
 
     def step(self, x: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor, gamma: torch.Tensor, lam: torch.Tensor,
-             noise: torch.Tensor, last: bool) -> torch.Tensor:
-        """One step of EDM Algorithm 2 (lines 4-11), then guidance."""
+             noise: torch.Tensor, log_prob_fn: Optional[Callable], last: bool) -> torch.Tensor:
+        """Guidance, then one step of EDM Algorithm 2 (lines 4-11); the last step (to t = 0) has neither guidance
+        nor the second-order correction."""
+        if log_prob_fn is not None and not last:
+            x = self.guide(x, t_cur, lam, log_prob_fn)
         t_hat = t_cur + gamma * t_cur  # line 5: raise the noise level by the churn
         x_hat = x + (t_hat ** 2 - t_cur ** 2).sqrt() * self.S_noise * noise  # line 6
         d_cur = (x_hat - self.denoise(x_hat, t_hat)) / t_hat  # line 7
-        x_next = x_hat + (t_next - t_hat) * d_cur  # line 8: Euler step from x_hat (not from the pre-churn x)
-        if last:  # line 9: t_next = 0, no second-order correction and no guidance
+        x_next = (x_hat if self.euler_from_churned else x) + (t_next - t_hat) * d_cur  # line 8
+        if last:  # line 9: t_next = 0
             return x_next
-        denoised = self.denoise(x_next, t_next)
-        d_prime = (x_next - denoised) / t_next  # line 10
-        x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)  # line 11
-        if self.log_prob_fn is None:
-            return x_next
-        return self.guide(x_next, denoised if self.guide_on_denoised else x_next, lam)
+        d_prime = (x_next - self.denoise(x_next, t_next)) / t_next  # line 10
+        return x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)  # line 11
 
     @torch.no_grad()
-    def forward(self, batch_size: int, horizon: int, generator: torch.Generator) -> torch.Tensor:
-        """Sample `batch_size` normalised windows [B, horizon, C]; all noise comes from `generator` (CPU)."""
+    def forward(self, batch_size: int, horizon: int, generator: torch.Generator, log_prob_fn: Optional[Callable] = None,
+                coef: float = 0.0) -> torch.Tensor:
+        """Sample `batch_size` normalised trajectories [B, horizon, C], guided by `log_prob_fn` with coefficient `coef`
+        (unguided when either is None/0); all noise comes from `generator` (CPU)."""
         device = self.normalizer.mean.device
         shape = (batch_size, horizon, self.normalizer.mean.shape[0])
-        t, gammas, lambdas = (v.to(device, torch.float32) for v in (self.t_steps, self.gammas, self.lambdas))
+        log_prob_fn = log_prob_fn if coef else None
+        lambdas = guidance_schedule(self.num_steps, coef, self.guidance_cosine)
+        t, gammas, lambdas = (v.to(device, torch.float32) for v in (self.t_steps, self.gammas, lambdas))
         x = torch.randn(shape, generator=generator).to(device) * t[0]
         for i in range(self.num_steps):
             noise = torch.randn(shape, generator=generator).to(device)
-            last = i == self.num_steps - 1  # the cheap last step runs eagerly: one compiled graph per sampler
-            x = (self.step if last else self.step_fn)(x, t[i], t[i + 1], gammas[i], lambdas[i], noise, last)
+            last = i == self.num_steps - 1  # the cheap last step runs eagerly: one compiled graph per guidance function
+            x = (self.step if last else self.step_fn)(x, t[i], t[i + 1], gammas[i], lambdas[i], noise, log_prob_fn, last)
         return x
 
 
 def generate_synthetic(sampler: GuidedEDMSampler, num_transitions: int, horizon: int, batch_size: int,
-                       generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Sample windows until `num_transitions` transitions are collected; returns them (env units) on the device."""
+                       generator: torch.Generator, log_prob_fn: Optional[Callable] = None, coef: float = 0.0,
+                       terminal_aware: bool = True) -> dict[str, torch.Tensor]:
+    """Sample trajectories of `horizon` rows until `num_transitions` transitions are collected; returns them (env units)
+    on the device."""
     chunks, count = [], 0
     bar = tqdm(total=num_transitions, desc="sampling", mininterval=5, file=sys.stdout, leave=False)
     while count < num_transitions:
-        x = sampler.normalizer.unnormalize(sampler(batch_size, horizon, generator))
-        chunk = transitions_from_windows(x, sampler.obs_dim, sampler.act_dim)
+        x = sampler.normalizer.unnormalize(sampler(batch_size, horizon, generator, log_prob_fn, coef))
+        chunk = transitions_from_windows(x, sampler.obs_dim, sampler.act_dim, terminal_aware)
         if not all(torch.isfinite(v).all() for v in chunk.values()):
             raise SystemExit("error: the sampler produced NaN/inf; lower --guidance-coef or retrain the diffuser")
         chunks.append(chunk)
@@ -634,7 +707,8 @@ def load_policy(path: str, device: torch.device = torch.device("cpu"), obs_dim: 
     actor.load_state_dict(ckpt["state_dict"])
     actor = actor.to(device).requires_grad_(False)
     obs_mean, obs_std = (torch.as_tensor(ckpt[k], dtype=torch.float32, device=device) for k in ("obs_mean", "obs_std"))
-    std = (ckpt["log_std"].to(device).clamp(-5, 2).exp() if kind == "iql_gaussian" else torch.ones(a, device=device))
+    std = (ckpt["log_std"].to(device).clamp(ckpt.get("log_std_min", -5.0), 2).exp() if kind == "iql_gaussian"
+           else torch.ones(a, device=device))
 
     def mean_fn(obs):
         return torch.tanh(actor((obs - obs_mean) / obs_std))
@@ -862,16 +936,14 @@ def trajectories_from_windows(x: torch.Tensor, obs_dim: int, act_dim: int, lengt
                 rewards=x[:, :length, -2].cpu(), mask=(dones.cumsum(1) == 0).cpu())
 
 
-def pgd_trajectories(denoiser: EDMDenoiser, normalizer: Normalizer, obs_dim: int, act_dim: int, args: Args,
-                     coef: float, log_prob_fn: Optional[Callable], n: int, horizon: int, length: int,
-                     generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """`n` windows from the shared guided EDM sampler at guidance coefficient `coef` (0: unguided)."""
-    sampler_args = types.SimpleNamespace(**{**dataclasses.asdict(args), "guidance_coef": coef})
-    sampler = GuidedEDMSampler(denoiser, normalizer, obs_dim, act_dim, sampler_args, log_prob_fn if coef else None)
+def pgd_trajectories(sampler: GuidedEDMSampler, coef: float, log_prob_fn: Optional[Callable], n: int, horizon: int,
+                     length: int, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """`n` trajectories of `horizon` rows from the shared guided EDM sampler at guidance coefficient `coef` (0:
+    unguided), cut to `length` transitions."""
     chunks = []
-    for b in range(0, n, args.sample_batch_size):
-        x = normalizer.unnormalize(sampler(min(args.sample_batch_size, n - b), horizon, generator))
-        chunks.append(trajectories_from_windows(x, obs_dim, act_dim, length))
+    for b in range(0, n, batch_size):
+        x = sampler.normalizer.unnormalize(sampler(min(batch_size, n - b), horizon, generator, log_prob_fn, coef))
+        chunks.append(trajectories_from_windows(x, sampler.obs_dim, sampler.act_dim, length))
     return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
 
 
@@ -999,7 +1071,7 @@ def main(args: Args) -> dict:
     device = torch.device(args.device)
     names = policy_names(args)
     policies = [load_policy(p, device, obs_dim, act_dim) for p in args.policy_checkpoints]
-    diffuser, horizon = None, None
+    sampler, horizon = None, None
     if args.diffuser_checkpoint:
         denoiser, normalizer, ckpt = load_diffuser(args.diffuser_checkpoint, device)
         if ckpt["data_dim"] != obs_dim + act_dim + 2:
@@ -1007,10 +1079,11 @@ def main(args: Args) -> dict:
                              f"{dataset_id} has {obs_dim + act_dim + 2}; pass the checkpoint of this dataset")
         if ckpt["dataset_id"] != dataset_id:
             print(f"warning: the diffuser was trained on {ckpt['dataset_id']}, the dynamics model on {dataset_id}")
-        diffuser, horizon = (denoiser, normalizer), ckpt["config"]["horizon"]
+        sampler = GuidedEDMSampler(denoiser, normalizer, obs_dim, act_dim, **{k: getattr(args, k) for k in SAMPLER_FIELDS})
+        horizon = args.sample_horizon or ckpt["config"]["horizon"]
     length = args.rollout_length or (horizon - 1 if horizon else 31)
     if horizon and not 1 <= length <= horizon - 1:
-        raise SystemExit(f"error: --rollout-length must be in [1, {horizon - 1}] (the diffuser's horizon - 1)")
+        raise SystemExit(f"error: --rollout-length must be in [1, {horizon - 1}] (the sampled length - 1)")
 
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.runs_root, run_name)
@@ -1056,9 +1129,9 @@ def main(args: Args) -> dict:
     rng, gen = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
     n = args.num_trajectories
     shared = {("dataset", 0.0): (dataset_trajectories(episodes, length, n, rng), 0.0)}
-    if diffuser is not None and 0.0 in args.guidance_coefs:
+    if sampler is not None and 0.0 in args.guidance_coefs:
         t0 = time.time()
-        shared[("pgd", 0.0)] = (pgd_trajectories(*diffuser, obs_dim, act_dim, args, 0.0, None, n, horizon, length, gen),
+        shared[("pgd", 0.0)] = (pgd_trajectories(sampler, 0.0, None, n, horizon, length, args.sample_batch_size, gen),
                                 time.time() - t0)
     rows = []
     for name, (act_fn, log_prob_fn) in zip(names, policies):
@@ -1067,10 +1140,10 @@ def main(args: Args) -> dict:
         starts = all_obs[torch.randint(len(all_obs), (n,), generator=gen)].to(device)
         trajs[("pets", 0.0)] = (pets_rollouts(model, act_fn, starts, length, args.deterministic_rollouts, gen), time.time() - t0)
         for coef in args.guidance_coefs:
-            if coef != 0 and diffuser is not None:
+            if coef != 0 and sampler is not None:
                 t0 = time.time()
-                trajs[("pgd", coef)] = (pgd_trajectories(*diffuser, obs_dim, act_dim, args, coef, log_prob_fn, n, horizon,
-                                                         length, gen), time.time() - t0)
+                trajs[("pgd", coef)] = (pgd_trajectories(sampler, coef, log_prob_fn, n, horizon, length,
+                                                         args.sample_batch_size, gen), time.time() - t0)
         for (method, coef), (traj, seconds) in trajs.items():
             row = dict(policy=name, method=method, guidance_coef=coef, time_s=round(seconds, 2),
                        **diagnostics(traj, probe, log_prob_fn, obs_var, device))

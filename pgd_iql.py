@@ -22,7 +22,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -57,36 +57,50 @@ class Args:
     """the wandb project name"""
     save_model: bool = False
     """if toggled, save the final agent (and its policy checkpoint for pets_baseline.py) to the run dir"""
+    preset: Literal["cpu", "paper"] = "cpu"
+    """defaults of every other field: `cpu` (small, this harness's choices) or `paper` (the official code's values, GPU); an explicit flag always wins"""
+    paper_scale: bool = False
+    """deprecated alias of `--preset paper`"""
+    print_config: bool = False
+    """print the resolved configuration (after the preset and the flags) as one JSON object and exit, without loading data"""
 
     # Data
     horizon: int = 32
-    """length of the trajectory windows the diffuser models"""
+    """length (rows) of the trajectory windows the diffuser is trained on"""
+    sample_horizon: Optional[int] = None
+    """length (rows) of the sampled trajectories, sample_horizon - 1 transitions each (default: --horizon; paper: 129)"""
     window_stride: int = 8
     """stride between windows of an episode"""
     val_fraction: float = 0.05
     """fraction of episodes held out for the diffuser's validation loss"""
 
     # Diffuser (EDM, 1-D temporal U-Net)
-    paper_scale: bool = False
-    """if toggled, diffuser/sampler fields still at their defaults take the paper-scale (GPU) values of PAPER_SCALE"""
+    unet: Literal["residual", "plain"] = "residual"
+    """U-Net type: `residual` (two residual blocks per level, this harness) or `plain` (the official conv U-Net)"""
     diffuser_channels: int = 64
     """U-Net width (features of the first level)"""
     diffuser_mults: tuple[int, ...] = (1, 2, 2)
-    """U-Net channel multiplier per level (one level per entry; the horizon must divide by 2**(levels-1))"""
+    """U-Net channel multiplier per level (one level per entry)"""
     diffuser_kernel_size: int = 3
     """temporal convolution kernel size"""
     diffuser_steps: int = 20_000
-    """diffuser training steps"""
+    """diffuser training steps (ignored when --diffuser-epochs > 0)"""
+    diffuser_epochs: int = 0
+    """if > 0, train for this many passes over the training windows (each len(windows) // batch steps) instead"""
     diffuser_batch_size: int = 64
     """diffuser batch size (windows)"""
     diffuser_lr: float = 3e-4
-    """diffuser peak learning rate (Adam; linear warmup then cosine decay)"""
-    diffuser_warmup: int = 500
-    """learning-rate warmup steps"""
+    """diffuser peak learning rate (Adam; linear warmup then cosine decay to 0)"""
+    diffuser_warmup: float = 0.025
+    """fraction of the training steps spent warming the learning rate up"""
+    diffuser_warmup_start: float = 0.0
+    """learning rate at the first warmup step, as a fraction of the peak"""
     ema_decay: float = 0.999
     """EMA decay of the diffuser weights used for sampling"""
-    sigma_data: float = 0.5
-    """EDM sigma_data (Table 1)"""
+    ema_every: int = 1
+    """update the EMA weights every this many training steps"""
+    sigma_data: float = 1.0
+    """EDM sigma_data (Table 1); the data is z-scored per channel, so its std is 1"""
     P_mean: float = -1.2
     """EDM training noise distribution: ln(sigma) ~ N(P_mean, P_std^2)"""
     P_std: float = 1.2
@@ -113,19 +127,20 @@ class Args:
     """churn only for sigma in [S_tmin, S_tmax]"""
     S_noise: float = 1.003
     """churn noise inflation"""
+    euler_from_churned: bool = True
+    """take the Euler step from the churned point x_hat (EDM Algorithm 2); off: from the pre-churn x, as the official code"""
     guidance_coef: float = 0.1
     """policy-guidance coefficient lambda (0: unguided diffusion, SynthER-style)"""
     guidance_cosine: float = 0.3
     """c in lambda_i = coef * (1 - i/N + c * sin(pi (i+1) / N))"""
     normalize_guidance: bool = True
-    """divide the guidance gradient by its norm per trajectory, g / (||g|| + 1e-8), so coef is a step length"""
+    """divide the guidance gradient by its norm per trajectory, g / (||g|| + 1e-8), so coef is a step length (official: off)"""
     guide_on_denoised: bool = False
-    """evaluate the policy gradient at the denoised estimate instead of the noisy sample"""
+    """evaluate the policy gradient at the denoised estimate D(x; sigma) (one more network call) instead of the noisy sample"""
     sample_batch_size: int = 256
     """trajectories sampled per batch"""
     sampler_bf16: bool = False
-    """run the denoiser's network F in bfloat16 autocast while sampling (matmuls/convs in bf16; the EDM skip path
-    c_skip x and the guidance stay float32); ~2x faster GEMMs on CPUs with avx512_bf16/AMX"""
+    """run the denoiser's network F in bfloat16 autocast while sampling (the EDM skip path and guidance stay float32)"""
     compile: bool = torch.cuda.is_available()
     """torch.compile the sampler step (default: on with CUDA)"""
 
@@ -138,6 +153,8 @@ class Args:
     """fraction of each batch drawn from synthetic data (0: real data only)"""
     num_synthetic: int = 100_000
     """synthetic transitions per regeneration"""
+    terminal_aware_transitions: bool = True
+    """synthetic rows after a terminal are dropped and a terminal last row is kept; off: every row but the last (official)"""
     regenerate_every: int = 100_000
     """regenerate the synthetic set from the current policy every this many steps (the first set is unguided)"""
     eval_every: int = 10_000
@@ -155,6 +172,8 @@ class Args:
     """target network polyak rate"""
     learning_rate: float = 3e-4
     """learning rate of actor, critics and value net"""
+    adam_eps: float = 1e-8
+    """Adam epsilon of every agent optimiser"""
     hidden_dim: int = 256
     """hidden width of the MLPs"""
     expectile: float = 0.7
@@ -163,10 +182,55 @@ class Args:
     """IQL inverse temperature of advantage-weighted regression"""
     exp_adv_max: float = 100.0
     """clip of exp(beta * advantage)"""
+    log_std_min: float = -5.0
+    """lower clamp of the actor's log-std (the upper is 2)"""
+    actor_cosine_lr: bool = True
+    """cosine decay of the actor's learning rate over --total-steps (CORL); off: constant (official)"""
     normalize_obs: bool = True
     """normalise observations with the real dataset's mean/std"""
     normalize_reward: bool = True
     """scale rewards by 1000 / (max return - min return) of the dataset's episodes (IQL's MuJoCo convention)"""
+
+
+# the official code's agent settings, applied with the shared PAPER ones by `--preset paper`
+AGENT_PAPER = dict(adam_eps=1e-5, log_std_min=-20.0, actor_cosine_lr=False, normalize_reward=False)
+
+
+# SHARED BEGIN: config
+# `--preset paper`: every row of the official configuration (JAX code, commit 9da606c; README "official vs this
+# harness"), with this harness's deliberate deviations switched to the official behaviour. The guidance coefficient
+# is not in it: the paper's per-run values are unpublished.
+PAPER = dict(unet="plain", diffuser_channels=1024, diffuser_mults=(1, 2, 4), diffuser_kernel_size=3,
+             diffuser_epochs=10_000, diffuser_batch_size=32, diffuser_lr=2e-3, diffuser_warmup=0.1,
+             diffuser_warmup_start=0.1, ema_decay=0.995, ema_every=10, sigma_data=1.0, sampler_steps=256,
+             S_churn=80.0, S_tmin=0.05, S_tmax=50.0, S_noise=1.003, euler_from_churned=False, normalize_guidance=False,
+             sample_horizon=129, num_synthetic=32 * 256 * 128, terminal_aware_transitions=False,
+             regenerate_every=10_000, total_steps=1_000_000, batch_size=256, synthetic_ratio=240 / 256,
+             eval_episodes=16, learning_rate=3e-4, gamma=0.99, tau=0.005, hidden_dim=256)
+
+
+def preset_args(preset: str = "cpu", **overrides) -> Args:
+    """Args with the preset's values in place of the defaults, then `overrides` (for use as a module)."""
+    values = {**PAPER, **AGENT_PAPER} if preset == "paper" else {}
+    return Args(**{**values, "preset": preset, **overrides})
+
+
+def parse_args(argv: Optional[list[str]] = None) -> Args:
+    """The command line, parsed with the preset's values as the defaults: an explicit flag always wins."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    preset = "cpu"
+    for i, arg in enumerate(argv):
+        if arg == "--preset" and i + 1 < len(argv):
+            preset = argv[i + 1]
+        elif arg.startswith("--preset="):
+            preset = arg.split("=", 1)[1]
+    if "--paper-scale" in argv:
+        print("warning: --paper-scale is deprecated; use --preset paper", file=sys.stderr)
+        preset = "paper" if not any(arg.startswith("--preset") for arg in argv) else preset
+    return tyro.cli(Args, args=argv, default=preset_args(preset if preset in ("cpu", "paper") else "cpu"))
+
+
+# SHARED END: config
 
 
 # SHARED BEGIN: datasets
@@ -253,16 +317,20 @@ def transitions_from_episodes(episodes: list[dict]) -> dict[str, np.ndarray]:
                 next_obs=np.concatenate([e["obs"][1:] for e in episodes]), dones=cat("terminals"))
 
 
-def transitions_from_windows(x: torch.Tensor, obs_dim: int, act_dim: int) -> dict[str, torch.Tensor]:
-    """Unnormalised windows [N, H, obs+act+2] -> transitions (s_t, a_t, r_t, s_{t+1}, d_t).
+def transitions_from_windows(x: torch.Tensor, obs_dim: int, act_dim: int, terminal_aware: bool = True
+                             ) -> dict[str, torch.Tensor]:
+    """Unnormalised windows [N, H, obs+act+2] -> transitions (s_t, a_t, r_t, s_{t+1}, d_t), d_t = terminal_t > 0.5.
 
-    Rows t < H-1 take s' from row t+1; the last row counts only if it is terminal. A row after the first terminal of
-    a window is not part of the trajectory and is dropped."""
+    Rows t < H-1 take s' from row t+1. `terminal_aware`: the last row counts only if it is terminal, and a row after
+    the first terminal of a window is not part of the trajectory and is dropped; otherwise every row but the last
+    (H-1 transitions per window, the official code's conversion)."""
     obs, pre_act = x[..., :obs_dim], x[..., obs_dim:obs_dim + act_dim]
     rewards, dones = x[..., -2], (x[..., -1] > 0.5).float()
-    after_terminal = (dones.cumsum(1) - dones) > 0
-    keep = ~after_terminal
-    keep[:, -1] &= dones[:, -1] > 0
+    keep = torch.ones_like(dones, dtype=torch.bool)
+    keep[:, -1] = False
+    if terminal_aware:
+        keep = (dones.cumsum(1) - dones) == 0
+        keep[:, -1] &= dones[:, -1] > 0
     next_obs = torch.cat([obs[:, 1:], obs[:, -1:]], 1)  # the last row's successor is never used (terminal or dropped)
     return dict(obs=obs[keep], actions=torch.tanh(pre_act[keep]), rewards=rewards[keep], next_obs=next_obs[keep],
                 dones=dones[keep])
@@ -320,7 +388,8 @@ class ResidualBlock(nn.Module):
 
 
 class TemporalUNet(nn.Module):
-    """1-D U-Net over time: [B, H, C] -> [B, H, C]; two residual blocks per level, skip connections per level."""
+    """1-D U-Net over time: [B, H, C] -> [B, H, C]; two residual blocks per level, skip connections per level. Any H:
+    a level halves the length (rounding up) and the way back resizes to the skip connection's length."""
 
     def __init__(self, data_dim: int, channels: int, mults: tuple[int, ...], kernel_size: int):
         super().__init__()
@@ -339,8 +408,7 @@ class TemporalUNet(nn.Module):
         for i, c in reversed(list(enumerate(dims))):
             c_next = dims[i - 1] if i > 0 else channels
             self.up.append(nn.ModuleList([ResidualBlock(2 * c, c, emb_dim, kernel_size),
-                                          ResidualBlock(c, c_next, emb_dim, kernel_size),
-                                          nn.Upsample(scale_factor=2, mode="nearest") if i > 0 else nn.Identity()]))
+                                          ResidualBlock(c, c_next, emb_dim, kernel_size)]))
         self.out = nn.Sequential(nn.GroupNorm(min(8, channels), channels), nn.SiLU(),
                                  nn.Conv1d(channels, data_dim, kernel_size, padding=kernel_size // 2))
         nn.init.zeros_(self.out[-1].weight)
@@ -356,8 +424,56 @@ class TemporalUNet(nn.Module):
             h = downsample(h)
         for block in self.mid:
             h = block(h, emb)
-        for block1, block2, upsample in self.up:
-            h = upsample(block2(block1(torch.cat([h, skips.pop()], 1), emb), emb))
+        for block1, block2 in self.up:
+            skip = skips.pop()
+            h = F.interpolate(h, size=skip.shape[-1], mode="nearest") if h.shape[-1] != skip.shape[-1] else h
+            h = block2(block1(torch.cat([h, skip], 1), emb), emb)
+        return self.out(h).transpose(1, 2)
+
+
+class PlainUNet(nn.Module):
+    """The official code's U-Net (its models/diffusion.py): per level a conv, plus the sigma embedding, then
+    GroupNorm-ReLU-conv-GroupNorm-ReLU; max-pooling down; up: nearest resize to the skip's length, a conv of kernel 2
+    ("same" padding, one zero on the right) plus the embedding, GroupNorm-ReLU, concatenation with the skip, two conv-GroupNorm-ReLU; a 1x1 conv out. No
+    residual connections, PyTorch's default initialisation. [B, H, C] -> [B, H, C], any H."""
+
+    def __init__(self, data_dim: int, channels: int, mults: tuple[int, ...], kernel_size: int):
+        super().__init__()
+        dims = [channels * m for m in mults]
+        half = channels // 8
+        self.register_buffer("freqs", torch.exp(-math.log(10_000) / max(1, half - 1) * torch.arange(half)))
+        self.embed = nn.Sequential(nn.Linear(2 * half, channels), nn.SiLU(), nn.Linear(channels, channels))
+
+        def conv(c_in: int, c_out: int, k: int = kernel_size) -> nn.Conv1d:
+            return nn.Conv1d(c_in, c_out, k, padding=k // 2 if k % 2 else 0)  # kernel 2: padded (0, 1) in forward
+
+        def norm_relu(c: int) -> list[nn.Module]:
+            return [nn.GroupNorm(8, c), nn.ReLU()]
+
+        self.down, self.up, c_prev = nn.ModuleList(), nn.ModuleList(), data_dim
+        for c in dims:
+            self.down.append(nn.ModuleList([conv(c_prev, c), nn.Linear(channels, c),
+                                            nn.Sequential(*norm_relu(c), conv(c, c), *norm_relu(c))]))
+            c_prev = c
+        for c in reversed(dims[:-1]):
+            self.up.append(nn.ModuleList([conv(c_prev, c, 2), nn.Linear(channels, c), nn.Sequential(*norm_relu(c)),
+                                          nn.Sequential(conv(2 * c, c), *norm_relu(c), conv(c, c), *norm_relu(c))]))
+            c_prev = c
+        self.out = nn.Conv1d(c_prev, data_dim, 1)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        angles = c_noise[:, None] * self.freqs
+        t = F.silu(self.embed(torch.cat([angles.sin(), angles.cos()], -1)))
+        h, skips = x.transpose(1, 2), []
+        for i, (conv_in, emb, rest) in enumerate(self.down):
+            h = rest(conv_in(h) + emb(t)[:, :, None])
+            skips.append(h)
+            h = F.max_pool1d(h, 2) if i < len(self.down) - 1 else h
+        skips.pop()
+        for conv_up, emb, norm, rest in self.up:
+            skip = skips.pop()
+            h = norm(conv_up(F.pad(F.interpolate(h, size=skip.shape[-1], mode="nearest"), (0, 1))) + emb(t)[:, :, None])
+            h = rest(torch.cat([h, skip], 1))
         return self.out(h).transpose(1, 2)
 
 
@@ -394,15 +510,16 @@ def edm_loss(denoiser: EDMDenoiser, x: torch.Tensor, P_mean: float, P_std: float
     return (weight[:, None, None] * (denoised - x) ** 2).mean()
 
 
-PAPER_SCALE = dict(diffuser_channels=128, diffuser_mults=(1, 2, 4), diffuser_kernel_size=5, diffuser_steps=100_000,
-                   diffuser_batch_size=256, sampler_steps=256, num_synthetic=1_000_000)
-DIFFUSER_FIELDS = ("horizon", "window_stride", "val_fraction", "diffuser_channels", "diffuser_mults",
-                   "diffuser_kernel_size", "diffuser_steps", "diffuser_batch_size", "diffuser_lr", "diffuser_warmup",
-                   "ema_decay", "sigma_data", "P_mean", "P_std", "seed")
+DIFFUSER_FIELDS = ("horizon", "window_stride", "val_fraction", "unet", "diffuser_channels", "diffuser_mults",
+                   "diffuser_kernel_size", "diffuser_steps", "diffuser_epochs", "diffuser_batch_size", "diffuser_lr",
+                   "diffuser_warmup", "diffuser_warmup_start", "ema_decay", "ema_every", "sigma_data", "P_mean", "P_std",
+                   "seed")
+UNETS = {"residual": TemporalUNet, "plain": PlainUNet}
 
 
 def build_denoiser(config: dict, data_dim: int) -> EDMDenoiser:
-    net = TemporalUNet(data_dim, config["diffuser_channels"], tuple(config["diffuser_mults"]), config["diffuser_kernel_size"])
+    unet = UNETS[config.get("unet", "residual")]
+    net = unet(data_dim, config["diffuser_channels"], tuple(config["diffuser_mults"]), config["diffuser_kernel_size"])
     return EDMDenoiser(net, config["sigma_data"])
 
 
@@ -418,44 +535,48 @@ def atomic_torch_save(obj, path: str):
             os.remove(tmp)
 
 
-def train_diffuser(args: Args, config: dict, windows: np.ndarray, val_windows: np.ndarray, writer: SummaryWriter,
+def train_diffuser(config: dict, windows: np.ndarray, val_windows: np.ndarray, writer: SummaryWriter,
                    device: torch.device) -> tuple[EDMDenoiser, Normalizer]:
-    """EDM training with Adam (linear warmup + cosine decay); returns the EMA denoiser and the normaliser."""
+    """EDM training with Adam (linear warmup from diffuser_warmup_start x the peak, then cosine decay to 0) as `config`
+    (the DIFFUSER_FIELDS of Args) says; returns the EMA denoiser and the normaliser."""
     normalizer = Normalizer.fit(windows).to(device)
     data = normalizer.normalize(torch.as_tensor(windows, device=device))
     val = normalizer.normalize(torch.as_tensor(val_windows, device=device))[:1024]
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(config["seed"])
     val_noise = torch.randn(val.shape, generator=gen, device=device)
     val_rnd = torch.randn(val.shape[0], generator=gen, device=device)
     denoiser = build_denoiser(config, data.shape[-1]).to(device)
     ema = build_denoiser(config, data.shape[-1]).to(device).requires_grad_(False)
     ema.load_state_dict(denoiser.state_dict())
-    optimizer = torch.optim.Adam(denoiser.parameters(), lr=args.diffuser_lr)
-    warmup, total = args.diffuser_warmup, args.diffuser_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (
+    optimizer = torch.optim.Adam(denoiser.parameters(), lr=config["diffuser_lr"])
+    batch_size, P_mean, P_std = config["diffuser_batch_size"], config["P_mean"], config["P_std"]
+    total = config["diffuser_epochs"] * max(1, len(data) // batch_size) or config["diffuser_steps"]
+    warmup, start_lr = max(1, round(config["diffuser_warmup"] * total)), config["diffuser_warmup_start"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (
+        start_lr + (1 - start_lr) * min(1.0, (s + 1) / warmup)) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, total - warmup)))))
     print(f"training diffuser: {sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M params, "
           f"{len(data)} windows of {tuple(data.shape[1:])}, {total} steps")
     start = time.time()
     bar = tqdm(range(total), desc="diffuser", mininterval=5, file=sys.stdout)
     for step in bar:
-        idx = torch.randint(len(data), (args.diffuser_batch_size,), generator=gen, device=device)
-        loss = edm_loss(denoiser, data[idx], args.P_mean, args.P_std,
-                        noise=torch.randn(data[idx].shape, generator=gen, device=device),
+        idx = torch.randint(len(data), (batch_size,), generator=gen, device=device)
+        loss = edm_loss(denoiser, data[idx], P_mean, P_std, noise=torch.randn(data[idx].shape, generator=gen, device=device),
                         rnd_normal=torch.randn(len(idx), generator=gen, device=device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
-                p_ema.lerp_(p, 1 - args.ema_decay)
+        if (step + 1) % config["ema_every"] == 0:
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
+                    p_ema.lerp_(p, 1 - config["ema_decay"])
         if step % 500 == 0 or step == total - 1:
             loss = loss.item()
             if not math.isfinite(loss):
                 raise SystemExit(f"error: diffusion loss is {loss} at step {step}; lower --diffuser-lr")
             with torch.no_grad():
-                val_loss = edm_loss(ema, val, args.P_mean, args.P_std, noise=val_noise, rnd_normal=val_rnd).item()
+                val_loss = edm_loss(ema, val, P_mean, P_std, noise=val_noise, rnd_normal=val_rnd).item()
             writer.add_scalar("diffusion/train_loss", loss, step)
             writer.add_scalar("diffusion/val_loss", val_loss, step)
             writer.add_scalar("diffusion/SPS", (step + 1) / (time.time() - start), step)
@@ -487,7 +608,7 @@ def get_diffuser(args: Args, dataset_id: str, windows: np.ndarray, val_windows: 
                              f"{windows.shape[-1]}; pass the checkpoint of this dataset")
         print(f"loaded diffuser {path}")
         return denoiser, normalizer
-    denoiser, normalizer = train_diffuser(args, config, windows, val_windows, writer, device)
+    denoiser, normalizer = train_diffuser(config, windows, val_windows, writer, device)
     atomic_torch_save(dict(ema=denoiser.state_dict(), mean=normalizer.mean, std=normalizer.std, config=config,
                            data_dim=windows.shape[-1], dataset_id=dataset_id), path)
     print(f"saved diffuser {path}")
@@ -513,87 +634,100 @@ def guidance_schedule(num_steps: int, coef: float, cosine: float) -> torch.Tenso
     return lam
 
 
+SAMPLER_FIELDS = ("sampler_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_tmin", "S_tmax", "S_noise",
+                  "euler_from_churned", "guidance_cosine", "normalize_guidance", "guide_on_denoised", "sampler_bf16",
+                  "compile")
+
+
 class GuidedEDMSampler(nn.Module):
     """EDM stochastic sampler (Algorithm 2: Heun with churn) over normalised windows, with policy guidance on the
-    action channels: after each step i (but the last), a <- a + lambda_i * g with g = grad_a log pi(tanh(unnorm a) |
-    unnorm s), optionally normalised per trajectory. `log_prob_fn(obs, action) -> [B, H]` is the target policy's
-    log-likelihood in environment units; None samples unguided."""
+    action channels: at the start of each step i (but the last), a <- a + lambda_i * g with g = grad_a log pi(tanh(
+    unnorm a) | unnorm s), optionally normalised per trajectory. The guidance (`log_prob_fn(obs, action) -> [B, H]`,
+    the target policy's log-likelihood in environment units, and its coefficient) is given at call time; without it
+    the sampler is unguided. The constructor's keywords are the Args fields of SAMPLER_FIELDS."""
 
-    def __init__(self, denoiser: EDMDenoiser, normalizer: Normalizer, obs_dim: int, act_dim: int, args: Args,
-                 log_prob_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None):
+    def __init__(self, denoiser: EDMDenoiser, normalizer: Normalizer, obs_dim: int, act_dim: int, *,
+                 sampler_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                 S_churn: float = 80.0, S_tmin: float = 0.05, S_tmax: float = 50.0, S_noise: float = 1.003,
+                 euler_from_churned: bool = True, guidance_cosine: float = 0.3, normalize_guidance: bool = True,
+                 guide_on_denoised: bool = False, sampler_bf16: bool = False, compile: bool = False):
         super().__init__()
-        self.denoiser, self.normalizer, self.log_prob_fn = denoiser, normalizer, log_prob_fn
-        self.obs_dim, self.act_dim = obs_dim, act_dim
-        self.num_steps, self.S_noise = args.sampler_steps, args.S_noise
-        self.normalize_guidance, self.guide_on_denoised = args.normalize_guidance, args.guide_on_denoised
-        self.t_steps = karras_sigmas(args.sampler_steps, args.sigma_min, args.sigma_max, args.rho)
-        in_churn = (self.t_steps[:-1] >= args.S_tmin) & (self.t_steps[:-1] <= args.S_tmax)
-        self.gammas = torch.where(in_churn, min(args.S_churn / args.sampler_steps, math.sqrt(2) - 1), 0.0)
-        self.lambdas = guidance_schedule(args.sampler_steps, args.guidance_coef, args.guidance_cosine)
-        self.bf16 = args.sampler_bf16
-        self.step_fn = torch.compile(self.step, fullgraph=True, dynamic=False) if args.compile else self.step
+        self.denoiser, self.normalizer, self.obs_dim, self.act_dim = denoiser, normalizer, obs_dim, act_dim
+        self.num_steps, self.S_noise, self.guidance_cosine = sampler_steps, S_noise, guidance_cosine
+        self.euler_from_churned, self.normalize_guidance = euler_from_churned, normalize_guidance
+        self.guide_on_denoised, self.bf16 = guide_on_denoised, sampler_bf16
+        self.t_steps = karras_sigmas(sampler_steps, sigma_min, sigma_max, rho)
+        in_churn = (self.t_steps[:-1] >= S_tmin) & (self.t_steps[:-1] <= S_tmax)
+        self.gammas = torch.where(in_churn, min(S_churn / sampler_steps, math.sqrt(2) - 1), 0.0)
+        self.step_fn = torch.compile(self.step, fullgraph=True, dynamic=False) if compile else self.step
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """D(x; sigma); with --sampler-bf16 the network F runs in bfloat16 autocast, D's output is float32."""
         with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16):
             return self.denoiser(x, sigma)
 
-    def action_score(self, x: torch.Tensor) -> torch.Tensor:
+    def action_score(self, x: torch.Tensor, log_prob_fn: Callable) -> torch.Tensor:
         """grad of sum_t log pi(tanh(unnorm a_t) | unnorm s_t) w.r.t. the normalised action channels [B, H, act_dim]."""
         o, a = slice(0, self.obs_dim), slice(self.obs_dim, self.obs_dim + self.act_dim)
         obs = x[..., o] * self.normalizer.std[o] + self.normalizer.mean[o]
 
         def log_likelihood(a_norm: torch.Tensor) -> torch.Tensor:
             action = torch.tanh(a_norm * self.normalizer.std[a] + self.normalizer.mean[a])
-            return self.log_prob_fn(obs, action).sum()
+            return log_prob_fn(obs, action).sum()
 
         return torch.func.grad(log_likelihood)(x[..., a])
 
-    def guide(self, x: torch.Tensor, x_eval: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        g = self.action_score(x_eval)
+    def guide(self, x: torch.Tensor, t_cur: torch.Tensor, lam: torch.Tensor, log_prob_fn: Callable) -> torch.Tensor:
+        """a <- a + lam * g, g evaluated at x (or at D(x; t_cur)) and divided by its norm per trajectory if asked."""
+        g = self.action_score(self.denoise(x, t_cur) if self.guide_on_denoised else x, log_prob_fn)
         if self.normalize_guidance:
             g = g / (g.flatten(1).norm(dim=1)[:, None, None] + 1e-8)
         a0, a1 = self.obs_dim, self.obs_dim + self.act_dim
         return torch.cat([x[..., :a0], x[..., a0:a1] + lam * g, x[..., a1:]], -1)
 
     def step(self, x: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor, gamma: torch.Tensor, lam: torch.Tensor,
-             noise: torch.Tensor, last: bool) -> torch.Tensor:
-        """One step of EDM Algorithm 2 (lines 4-11), then guidance."""
+             noise: torch.Tensor, log_prob_fn: Optional[Callable], last: bool) -> torch.Tensor:
+        """Guidance, then one step of EDM Algorithm 2 (lines 4-11); the last step (to t = 0) has neither guidance
+        nor the second-order correction."""
+        if log_prob_fn is not None and not last:
+            x = self.guide(x, t_cur, lam, log_prob_fn)
         t_hat = t_cur + gamma * t_cur  # line 5: raise the noise level by the churn
         x_hat = x + (t_hat ** 2 - t_cur ** 2).sqrt() * self.S_noise * noise  # line 6
         d_cur = (x_hat - self.denoise(x_hat, t_hat)) / t_hat  # line 7
-        x_next = x_hat + (t_next - t_hat) * d_cur  # line 8: Euler step from x_hat (not from the pre-churn x)
-        if last:  # line 9: t_next = 0, no second-order correction and no guidance
+        x_next = (x_hat if self.euler_from_churned else x) + (t_next - t_hat) * d_cur  # line 8
+        if last:  # line 9: t_next = 0
             return x_next
-        denoised = self.denoise(x_next, t_next)
-        d_prime = (x_next - denoised) / t_next  # line 10
-        x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)  # line 11
-        if self.log_prob_fn is None:
-            return x_next
-        return self.guide(x_next, denoised if self.guide_on_denoised else x_next, lam)
+        d_prime = (x_next - self.denoise(x_next, t_next)) / t_next  # line 10
+        return x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)  # line 11
 
     @torch.no_grad()
-    def forward(self, batch_size: int, horizon: int, generator: torch.Generator) -> torch.Tensor:
-        """Sample `batch_size` normalised windows [B, horizon, C]; all noise comes from `generator` (CPU)."""
+    def forward(self, batch_size: int, horizon: int, generator: torch.Generator, log_prob_fn: Optional[Callable] = None,
+                coef: float = 0.0) -> torch.Tensor:
+        """Sample `batch_size` normalised trajectories [B, horizon, C], guided by `log_prob_fn` with coefficient `coef`
+        (unguided when either is None/0); all noise comes from `generator` (CPU)."""
         device = self.normalizer.mean.device
         shape = (batch_size, horizon, self.normalizer.mean.shape[0])
-        t, gammas, lambdas = (v.to(device, torch.float32) for v in (self.t_steps, self.gammas, self.lambdas))
+        log_prob_fn = log_prob_fn if coef else None
+        lambdas = guidance_schedule(self.num_steps, coef, self.guidance_cosine)
+        t, gammas, lambdas = (v.to(device, torch.float32) for v in (self.t_steps, self.gammas, lambdas))
         x = torch.randn(shape, generator=generator).to(device) * t[0]
         for i in range(self.num_steps):
             noise = torch.randn(shape, generator=generator).to(device)
-            last = i == self.num_steps - 1  # the cheap last step runs eagerly: one compiled graph per sampler
-            x = (self.step if last else self.step_fn)(x, t[i], t[i + 1], gammas[i], lambdas[i], noise, last)
+            last = i == self.num_steps - 1  # the cheap last step runs eagerly: one compiled graph per guidance function
+            x = (self.step if last else self.step_fn)(x, t[i], t[i + 1], gammas[i], lambdas[i], noise, log_prob_fn, last)
         return x
 
 
 def generate_synthetic(sampler: GuidedEDMSampler, num_transitions: int, horizon: int, batch_size: int,
-                       generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Sample windows until `num_transitions` transitions are collected; returns them (env units) on the device."""
+                       generator: torch.Generator, log_prob_fn: Optional[Callable] = None, coef: float = 0.0,
+                       terminal_aware: bool = True) -> dict[str, torch.Tensor]:
+    """Sample trajectories of `horizon` rows until `num_transitions` transitions are collected; returns them (env units)
+    on the device."""
     chunks, count = [], 0
     bar = tqdm(total=num_transitions, desc="sampling", mininterval=5, file=sys.stdout, leave=False)
     while count < num_transitions:
-        x = sampler.normalizer.unnormalize(sampler(batch_size, horizon, generator))
-        chunk = transitions_from_windows(x, sampler.obs_dim, sampler.act_dim)
+        x = sampler.normalizer.unnormalize(sampler(batch_size, horizon, generator, log_prob_fn, coef))
+        chunk = transitions_from_windows(x, sampler.obs_dim, sampler.act_dim, terminal_aware)
         if not all(torch.isfinite(v).all() for v in chunk.values()):
             raise SystemExit("error: the sampler produced NaN/inf; lower --guidance-coef or retrain the diffuser")
         chunks.append(chunk)
@@ -614,31 +748,37 @@ def mlp(in_dim: int, out_dim: int, hidden: int) -> nn.Sequential:
 
 class Agent(nn.Module):
     """IQL: expectile value net V(s), twin Q(s, a), Gaussian actor N(tanh(mu(s)), exp(log_std)) trained by
-    advantage-weighted regression. Observations are normalised inside (buffers), so every method takes env units."""
+    advantage-weighted regression. Observations are normalised inside (buffers), so every method takes env units.
+    Hyper-parameters are plain values (make_agent maps Args onto them)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, args: Args, stats: dict):
+    def __init__(self, obs_mean: torch.Tensor, obs_std: torch.Tensor, act_dim: int, *, hidden_dim: int,
+                 learning_rate: float, adam_eps: float, gamma: float, tau: float, expectile: float, beta: float,
+                 exp_adv_max: float, log_std_min: float, reward_scale: float, actor_lr_decay_steps: Optional[int]):
         super().__init__()
-        self.args = args
-        self.register_buffer("obs_mean", torch.as_tensor(stats["obs_mean"]) if args.normalize_obs else torch.zeros(obs_dim))
-        self.register_buffer("obs_std", torch.as_tensor(stats["obs_std"]) if args.normalize_obs else torch.ones(obs_dim))
-        self.reward_scale = 1000.0 / max(stats["return_max"] - stats["return_min"], 1e-6) if args.normalize_reward else 1.0
-        self.actor = mlp(obs_dim, act_dim, args.hidden_dim)
+        obs_dim = obs_mean.shape[0]
+        self.hidden_dim, self.gamma, self.tau, self.expectile, self.beta = hidden_dim, gamma, tau, expectile, beta
+        self.exp_adv_max, self.log_std_min, self.reward_scale = exp_adv_max, log_std_min, reward_scale
+        self.register_buffer("obs_mean", torch.as_tensor(obs_mean, dtype=torch.float32))
+        self.register_buffer("obs_std", torch.as_tensor(obs_std, dtype=torch.float32))
+        self.actor = mlp(obs_dim, act_dim, hidden_dim)
         self.log_std = nn.Parameter(torch.zeros(act_dim))
-        self.q1, self.q2 = mlp(obs_dim + act_dim, 1, args.hidden_dim), mlp(obs_dim + act_dim, 1, args.hidden_dim)
-        self.q1_target, self.q2_target = (mlp(obs_dim + act_dim, 1, args.hidden_dim).requires_grad_(False) for _ in range(2))
+        self.q1, self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim), mlp(obs_dim + act_dim, 1, hidden_dim)
+        self.q1_target, self.q2_target = (mlp(obs_dim + act_dim, 1, hidden_dim).requires_grad_(False) for _ in range(2))
         self.q1_target.load_state_dict(self.q1.state_dict())
         self.q2_target.load_state_dict(self.q2.state_dict())
-        self.value = mlp(obs_dim, 1, args.hidden_dim)
-        self.actor_optimizer = torch.optim.Adam([*self.actor.parameters(), self.log_std], lr=args.learning_rate)
-        self.actor_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.actor_optimizer, args.total_steps)
-        self.q_optimizer = torch.optim.Adam([*self.q1.parameters(), *self.q2.parameters()], lr=args.learning_rate)
-        self.v_optimizer = torch.optim.Adam(self.value.parameters(), lr=args.learning_rate)
+        self.value = mlp(obs_dim, 1, hidden_dim)
+        adam = dict(lr=learning_rate, eps=adam_eps)
+        self.actor_optimizer = torch.optim.Adam([*self.actor.parameters(), self.log_std], **adam)
+        self.actor_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.actor_optimizer, actor_lr_decay_steps) \
+            if actor_lr_decay_steps else None
+        self.q_optimizer = torch.optim.Adam([*self.q1.parameters(), *self.q2.parameters()], **adam)
+        self.v_optimizer = torch.optim.Adam(self.value.parameters(), **adam)
 
     def norm(self, obs: torch.Tensor) -> torch.Tensor:
         return (obs - self.obs_mean) / self.obs_std
 
     def dist(self, obs: torch.Tensor) -> torch.distributions.Normal:
-        return torch.distributions.Normal(torch.tanh(self.actor(self.norm(obs))), self.log_std.clamp(-5, 2).exp())
+        return torch.distributions.Normal(torch.tanh(self.actor(self.norm(obs))), self.log_std.clamp(self.log_std_min, 2).exp())
 
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         """Deterministic action (the mean) for evaluation."""
@@ -657,35 +797,48 @@ class Agent(nn.Module):
             next_v = self.value(next_obs).squeeze(-1)
         # value: expectile regression of V(s) onto min Q_target(s, a)
         adv = q_target - self.value(obs).squeeze(-1)
-        v_loss = (torch.abs(self.args.expectile - (adv < 0).float()) * adv ** 2).mean()
+        v_loss = (torch.abs(self.expectile - (adv < 0).float()) * adv ** 2).mean()
         self.v_optimizer.zero_grad(set_to_none=True)
         v_loss.backward()
         self.v_optimizer.step()
         # critics: r + gamma (1 - d) V(s')
-        target = rewards + self.args.gamma * (1 - dones) * next_v
+        target = rewards + self.gamma * (1 - dones) * next_v
         q_loss = F.mse_loss(self.q1(sa).squeeze(-1), target) + F.mse_loss(self.q2(sa).squeeze(-1), target)
         self.q_optimizer.zero_grad(set_to_none=True)
         q_loss.backward()
         self.q_optimizer.step()
         # actor: advantage-weighted regression, exp(beta * A) clipped
-        exp_adv = torch.exp(self.args.beta * adv.detach()).clamp(max=self.args.exp_adv_max)
+        exp_adv = torch.exp(self.beta * adv.detach()).clamp(max=self.exp_adv_max)
         actor_loss = -(exp_adv * self.dist(b["obs"]).log_prob(b["actions"]).sum(-1)).mean()
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_optimizer.step()
-        self.actor_scheduler.step()
+        if self.actor_scheduler is not None:
+            self.actor_scheduler.step()
         with torch.no_grad():
             for target_net, net in ((self.q1_target, self.q1), (self.q2_target, self.q2)):
                 for p_t, p in zip(target_net.parameters(), net.parameters()):
-                    p_t.lerp_(p, self.args.tau)
+                    p_t.lerp_(p, self.tau)
         return {"losses/value_loss": v_loss.detach(), "losses/qf_loss": q_loss.detach(),
                 "losses/actor_loss": actor_loss.detach(), "losses/advantage": adv.detach().mean()}
 
     def policy_checkpoint(self) -> dict:
         """A standalone description of the target policy (for pets_baseline.py)."""
         return dict(kind="iql_gaussian", obs_dim=self.obs_mean.shape[0], act_dim=self.log_std.shape[0],
-                    hidden=[self.args.hidden_dim] * 2, state_dict=self.actor.state_dict(), log_std=self.log_std.detach(),
-                    obs_mean=self.obs_mean, obs_std=self.obs_std)
+                    hidden=[self.hidden_dim] * 2, state_dict=self.actor.state_dict(), log_std=self.log_std.detach(),
+                    log_std_min=self.log_std_min, obs_mean=self.obs_mean, obs_std=self.obs_std)
+
+
+def make_agent(args: Args, act_dim: int, stats: dict) -> Agent:
+    """The agent of `args`; `stats` holds the real data's obs_mean/obs_std and episode return_min/return_max."""
+    obs_dim = stats["obs_mean"].shape[0]
+    return Agent(stats["obs_mean"] if args.normalize_obs else torch.zeros(obs_dim),
+                 stats["obs_std"] if args.normalize_obs else torch.ones(obs_dim), act_dim,
+                 hidden_dim=args.hidden_dim, learning_rate=args.learning_rate, adam_eps=args.adam_eps, gamma=args.gamma,
+                 tau=args.tau, expectile=args.expectile, beta=args.beta, exp_adv_max=args.exp_adv_max,
+                 log_std_min=args.log_std_min,
+                 reward_scale=1000.0 / max(stats["return_max"] - stats["return_min"], 1e-6) if args.normalize_reward else 1.0,
+                 actor_lr_decay_steps=args.total_steps if args.actor_cosine_lr else None)
 
 
 # SHARED BEGIN: evaluation
@@ -735,15 +888,16 @@ def make_run_dir(args: Args) -> str:
 
 def main(args: Args):
     run_start = time.time()
-    if args.paper_scale:
-        defaults = Args()
-        for k, v in PAPER_SCALE.items():
-            if getattr(args, k) == getattr(defaults, k):
-                setattr(args, k, v)
+    if args.paper_scale and args.preset != "paper":
+        raise SystemExit("error: --paper-scale is deprecated; use --preset paper (as a module: preset_args('paper'))")
+    args = dataclasses.replace(args, sample_horizon=args.sample_horizon or args.horizon)
+    if args.print_config:
+        print(json.dumps(dataclasses.asdict(args)))
+        return None
     if not 0 <= args.synthetic_ratio <= 1:
         raise SystemExit(f"error: --synthetic-ratio must be in [0, 1], got {args.synthetic_ratio}")
-    if args.horizon % 2 ** (len(args.diffuser_mults) - 1):
-        raise SystemExit(f"error: --horizon {args.horizon} must divide by 2**(levels-1) = {2 ** (len(args.diffuser_mults) - 1)}")
+    if min(args.horizon, args.sample_horizon) < 2:
+        raise SystemExit("error: --horizon and --sample-horizon must be >= 2 (rows; a transition needs two)")
     dataset = load_dataset(args.env_id)
     dataset_id = dataset.spec.dataset_id
     run_dir = make_run_dir(args)
@@ -776,7 +930,7 @@ def main(args: Args):
     print(f"{dataset_id}: {len(episodes)} episodes, {len(real['obs'])} transitions, obs_dim {obs_dim}, act_dim {act_dim}")
 
     # diffuser
-    synthetic, sampler, guided_sampler = None, None, None
+    synthetic, sampler = None, None
     gen = torch.Generator().manual_seed(args.seed)
     n_synthetic = round(args.batch_size * args.synthetic_ratio)
     if n_synthetic > 0:
@@ -785,12 +939,10 @@ def main(args: Args):
         windows = make_windows(train_eps, args.horizon, args.window_stride)
         val_windows = make_windows(val_eps, args.horizon, args.window_stride) if val_mask.any() else windows
         denoiser, normalizer = get_diffuser(args, dataset_id, windows, val_windows, writer, device)
-        sampler = GuidedEDMSampler(denoiser, normalizer, obs_dim, act_dim, args)
+        sampler = GuidedEDMSampler(denoiser, normalizer, obs_dim, act_dim, **{k: getattr(args, k) for k in SAMPLER_FIELDS})
 
     torch.manual_seed(args.seed)  # the agent's randomness must not depend on whether the diffuser was trained or loaded
-    agent = Agent(obs_dim, act_dim, args, stats).to(device)
-    if sampler is not None and args.guidance_coef != 0:
-        guided_sampler = GuidedEDMSampler(sampler.denoiser, sampler.normalizer, obs_dim, act_dim, args, agent.log_prob)
+    agent = make_agent(args, act_dim, stats).to(device)
 
     # ALGO LOGIC: training loop
     history, start = [], time.time()
@@ -798,17 +950,19 @@ def main(args: Args):
     for step in bar:
         if sampler is not None and (step - 1) % args.regenerate_every == 0:
             t0 = time.time()
-            use = guided_sampler if (guided_sampler is not None and synthetic is not None) else sampler
-            synthetic = generate_synthetic(use, args.num_synthetic, args.horizon, args.sample_batch_size, gen)
+            guided = synthetic is not None and args.guidance_coef != 0  # the first set is unguided
+            synthetic = generate_synthetic(sampler, args.num_synthetic, args.sample_horizon, args.sample_batch_size, gen,
+                                           agent.log_prob if guided else None, args.guidance_coef,
+                                           args.terminal_aware_transitions)
             with torch.no_grad():
                 writer.add_scalar("synthetic/action_log_prob", agent.log_prob(synthetic["obs"], synthetic["actions"]).mean().item(), step)
                 writer.add_scalar("synthetic/real_action_log_prob", agent.log_prob(real["obs"], real["actions"]).mean().item(), step)
             writer.add_scalar("synthetic/terminal_rate", synthetic["dones"].mean().item(), step)
             writer.add_scalar("synthetic/reward_mean", synthetic["rewards"].mean().item(), step)
-            writer.add_scalar("synthetic/guided", float(use is guided_sampler), step)
+            writer.add_scalar("synthetic/guided", float(guided), step)
             writer.add_scalar("synthetic/sample_time", time.time() - t0, step)
             writer.add_scalar("synthetic/trajectories_per_second",
-                              args.num_synthetic / (args.horizon - 1) / (time.time() - t0), step)
+                              args.num_synthetic / (args.sample_horizon - 1) / (time.time() - t0), step)
         idx = torch.randint(len(real["obs"]), (args.batch_size - n_synthetic,), device=device)
         batch = {k: v[idx] for k, v in real.items()}
         if n_synthetic > 0:
@@ -849,5 +1003,5 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args())
 # SHARED END: main

@@ -61,7 +61,7 @@ def _stats(obs_dim):
 @pytest.mark.parametrize("module", [pgd_iql, pgd_td3bc], ids=["iql", "td3bc"])
 def test_load_policy_reproduces_the_agents_policy(module, tmp_path):
     torch.manual_seed(0)
-    agent = module.Agent(5, 3, module.Args(hidden_dim=16, total_steps=10), _stats(5))
+    agent = module.make_agent(module.Args(hidden_dim=16, total_steps=10), 3, _stats(5))
     if module is pgd_iql:
         with torch.no_grad():
             agent.log_std.copy_(torch.tensor([-1.0, 0.0, 0.5]))
@@ -223,7 +223,7 @@ def test_end_to_end_tiny(store, tmp_path):
     """pgd_iql.py trains a tiny diffuser and IQL policy (--save-model); pets_baseline.py measures PETS, unguided and
     guided PGD and the data under that policy and a SAC policy, and writes the table, the JSON and the figures."""
     import collect_datasets
-    pgd_iql.main(tyro.cli(pgd_iql.Args, args=[
+    pgd_iql.main(pgd_iql.parse_args([
         "--env-id", "halfcheetah-medium", "--horizon", "8", "--diffuser-channels", "16", "--diffuser-mults", "1", "2",
         "--diffuser-steps", "100", "--sampler-steps", "4", "--total-steps", "100", "--num-synthetic", "300",
         "--regenerate-every", "100", "--eval-every", "100", "--eval-episodes", "1", "--save-model",
@@ -272,6 +272,11 @@ def test_end_to_end_tiny(store, tmp_path):
     assert "loaded_from" in again["dynamics"]
     assert [r["dyn_mse"] for r in again["rows"] if r["method"] == "pets"] == \
         [r["dyn_mse"] for r in summary["rows"] if r["method"] == "pets"]
+    # --sample-horizon: trajectories longer than the diffuser's 8-row training windows (13 rows, 12 transitions)
+    longer = pb.main(dataclasses.replace(args, dynamics_checkpoint=str(run / "dynamics.pt"), runs_root=str(tmp_path / "c"),
+                                         sample_horizon=13, guidance_coefs=(0.0,), num_trajectories=8))
+    assert longer["rollout_length"] == 12
+    assert all(len(r["dyn_mse"]) == 12 for r in longer["rows"])
 
 
 def test_bad_inputs_give_clear_errors(store, tmp_path):

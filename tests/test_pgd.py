@@ -1,4 +1,5 @@
 """Unit and end-to-end tests of pgd_iql.py and pgd_td3bc.py (imported as modules; scripts run by subprocess)."""
+import dataclasses
 import json
 import math
 import os
@@ -20,8 +21,8 @@ SCRIPTS = [pgd_iql, pgd_td3bc]
 OBS, ACT = 3, 2
 
 
-def sampler_args(module, **kw):
-    return module.Args(**{"sampler_steps": 32, "compile": False, **kw})
+def new_sampler(module, den, norm, obs_dim, act_dim, **kw):
+    return module.GuidedEDMSampler(den, norm, obs_dim, act_dim, **{"sampler_steps": 32, **kw})
 
 
 class GaussianDenoiser(torch.nn.Module):
@@ -89,22 +90,77 @@ def test_step_takes_euler_step_from_churned_point_and_skips_correction_last():
     """With D = 0, d = x/t, so Algorithm 2 gives x_next = x_hat * t_next / t_hat where x_hat includes the churn noise.
     (Starting the Euler step from the pre-churn x, as the official JAX code does, fails this.)"""
     den = GaussianDenoiser(0.0, 0.0)
-    sampler = pgd_iql.GuidedEDMSampler(den, identity_normalizer(pgd_iql, 4), 1, 1, sampler_args(pgd_iql, S_noise=1.0))
+    sampler = new_sampler(pgd_iql, den, identity_normalizer(pgd_iql, 4), 1, 1, S_noise=1.0)
     x, noise = torch.randn(3, 4, 4), torch.randn(3, 4, 4)
     t_cur, t_next, gamma = torch.tensor(2.0), torch.tensor(1.0), torch.tensor(0.4)
     t_hat = t_cur * (1 + gamma)
     x_hat = x + (t_hat ** 2 - t_cur ** 2).sqrt() * noise
-    out = sampler.step(x, t_cur, t_next, gamma, torch.tensor(0.0), noise, last=False)
+    out = sampler.step(x, t_cur, t_next, gamma, torch.tensor(0.0), noise, None, last=False)
     torch.testing.assert_close(out, x_hat * t_next / t_hat)
     den.calls = 0
-    out = sampler.step(x, t_cur, torch.tensor(0.0), gamma, torch.tensor(0.0), noise, last=True)
+    out = sampler.step(x, t_cur, torch.tensor(0.0), gamma, torch.tensor(0.0), noise, None, last=True)
     assert den.calls == 1 and out.abs().max() < 1e-5
+    # the official setting: the Euler step from the pre-churn x with the slope taken at x_hat (then Heun from x_hat)
+    official = new_sampler(pgd_iql, den, identity_normalizer(pgd_iql, 4), 1, 1, S_noise=1.0, euler_from_churned=False)
+    out = official.step(x, t_cur, torch.tensor(0.0), gamma, torch.tensor(0.0), noise, None, last=True)
+    torch.testing.assert_close(out, x + (0 - t_hat) * x_hat / t_hat)
+
+
+def official_sampler(den, norm, obs_dim, act_dim, n, horizon, gen, log_prob_fn, coef, steps, cosine=0.3):
+    """The official JAX sampler's loop (its diffusion/edm.py sample_trajectory) transcribed step by step: guidance at
+    the start of each step but the last on the noisy sample, unnormalised; Euler from the pre-churn point; Heun
+    correction from the churned point; the same noise draws as GuidedEDMSampler."""
+    rho, smin, smax = 7.0, 0.002, 80.0
+    i = torch.arange(steps + 1, dtype=torch.float64)
+    sig = (smax ** (1 / rho) + i / (steps - 1) * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+    sig[-1] = 0
+    gam = torch.where((sig >= 0.05) & (sig <= 50), min(80 / steps, math.sqrt(2) - 1), 0.0)
+    sig, gam = sig.float(), gam.float()
+    shape = (n, horizon, norm.mean.shape[0])
+    x = torch.randn(shape, generator=gen) * sig[0]
+    a = slice(obs_dim, obs_dim + act_dim)
+    for k in range(steps):
+        eps = torch.randn(shape, generator=gen) * 1.003
+        if k < steps - 1:
+            lam = coef * (1 - k / steps + cosine * math.sin(math.pi * (k + 1) / steps))
+            act = x[..., a].clone().requires_grad_(True)
+            obs = norm.unnormalize(x)[..., :obs_dim]
+            log_prob_fn(obs, torch.tanh(act * norm.std[a] + norm.mean[a])).sum().backward()
+            x = x.clone()
+            x[..., a] += lam * act.grad
+        s, s_next, g = sig[k], sig[k + 1], gam[k]
+        s_hat = s + g * s
+        x_hat = x + (s_hat ** 2 - s ** 2).sqrt() * eps if g > 0 else x
+        d = (x_hat - den(x_hat, s_hat)) / s_hat
+        x_next = x + (s_next - s_hat) * d
+        if s_next != 0:
+            d2 = (x_next - den(x_next, s_next)) / (s_next + 1e-9)
+            x_next = x_hat + 0.5 * (s_next - s_hat) * (d + d2)
+        x = x_next.detach()
+    return x
+
+
+@pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
+def test_official_settings_reproduce_the_official_sampler(module):
+    """euler_from_churned=False and normalize_guidance=False give the official sampler's samples, guided."""
+    channels = OBS + ACT + 2
+    den = GaussianDenoiser(torch.linspace(-0.5, 0.5, channels), torch.linspace(0.5, 1.5, channels))
+    norm = module.Normalizer(torch.linspace(-1, 1, channels), torch.linspace(0.5, 2, channels))
+    agent = make_policy_agent(module, 0.3)
+    sampler = new_sampler(module, den, norm, OBS, ACT, sampler_steps=24, euler_from_churned=False,
+                          normalize_guidance=False)
+    ours = sampler(64, 9, torch.Generator().manual_seed(3), agent.log_prob, 0.05)
+    ref = official_sampler(den, norm, OBS, ACT, 64, 9, torch.Generator().manual_seed(3), agent.log_prob, 0.05, 24)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    default = new_sampler(module, den, norm, OBS, ACT, sampler_steps=24)(64, 9, torch.Generator().manual_seed(3),
+                                                                          agent.log_prob, 0.05)
+    assert (default - ref).abs().max() > 1e-2  # this harness's defaults are not the official sampler
 
 
 def test_sampler_recovers_gaussian_data_with_exact_denoiser():
     mu, s = torch.tensor([1.0, -2.0, 0.5, 0.0]), torch.tensor([0.5, 2.0, 1.0, 0.1])
     den = GaussianDenoiser(mu, s)
-    sampler = pgd_iql.GuidedEDMSampler(den, identity_normalizer(pgd_iql, 4), 2, 1, sampler_args(pgd_iql, sampler_steps=40))
+    sampler = new_sampler(pgd_iql, den, identity_normalizer(pgd_iql, 4), 2, 1, sampler_steps=40)
     x = sampler(4000, 4, torch.Generator().manual_seed(0)).reshape(-1, 4)
     assert den.calls == 2 * 40 - 1  # Heun: two evaluations per step, one on the last
     torch.testing.assert_close(x.mean(0), mu, atol=0.05, rtol=0)
@@ -115,7 +171,7 @@ def make_policy_agent(module, target_action: float):
     """An agent whose policy mean is `target_action` in every state."""
     args = module.Args(hidden_dim=8, total_steps=10)
     stats = dict(obs_mean=torch.zeros(OBS), obs_std=torch.ones(OBS), return_min=0.0, return_max=1.0)
-    agent = module.Agent(OBS, ACT, args, stats)
+    agent = module.make_agent(args, ACT, stats)
     with torch.no_grad():
         agent.actor[-1].weight.zero_()
         agent.actor[-1].bias.fill_(math.atanh(target_action))
@@ -127,9 +183,8 @@ def make_policy_agent(module, target_action: float):
 def guided_samples(module, log_prob_fn, coef, seed=0, n=512, **kw):
     channels = OBS + ACT + 2
     den = GaussianDenoiser(torch.zeros(channels), torch.ones(channels))
-    sampler = module.GuidedEDMSampler(den, identity_normalizer(module, channels), OBS, ACT,
-                                      sampler_args(module, guidance_coef=coef, **kw), log_prob_fn)
-    return sampler(n, 8, torch.Generator().manual_seed(seed))
+    sampler = new_sampler(module, den, identity_normalizer(module, channels), OBS, ACT, **kw)
+    return sampler(n, 8, torch.Generator().manual_seed(seed), log_prob_fn, coef)
 
 
 @pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
@@ -155,10 +210,10 @@ def test_guidance_moves_actions_toward_policy_mean(module, guide_on_denoised):
 
 def test_guidance_normalisation_is_per_trajectory_and_safe_at_zero():
     channels = OBS + ACT + 2
-    sampler = pgd_iql.GuidedEDMSampler(GaussianDenoiser(0.0, 1.0), identity_normalizer(pgd_iql, channels), OBS, ACT,
-                                       sampler_args(pgd_iql), lambda o, a: (3.0 * torch.arange(len(a))[:, None, None] * a).sum(-1))
+    sampler = new_sampler(pgd_iql, GaussianDenoiser(0.0, 1.0), identity_normalizer(pgd_iql, channels), OBS, ACT)
     x = torch.randn(4, 8, channels)
-    out = sampler.guide(x, x, torch.tensor(0.25))
+    out = sampler.guide(x, torch.tensor(1.0), torch.tensor(0.25),
+                        lambda o, a: (3.0 * torch.arange(len(a))[:, None, None] * a).sum(-1))
     shift = (out - x)[..., OBS:OBS + ACT].flatten(1).norm(dim=1)
     assert shift[0] == 0  # zero gradient (trajectory 0): no step, no NaN, no eps offset
     torch.testing.assert_close(shift[1:], torch.full((3,), 0.25))  # g / (||g|| + eps): step length lambda
@@ -169,13 +224,13 @@ def test_guidance_gradient_matches_autograd_through_tanh_and_normaliser():
     channels = OBS + ACT + 2
     norm = pgd_iql.Normalizer(torch.linspace(-1, 1, channels), torch.linspace(0.5, 2, channels))
     agent = make_policy_agent(pgd_iql, 0.3)
-    sampler = pgd_iql.GuidedEDMSampler(GaussianDenoiser(0.0, 1.0), norm, OBS, ACT, sampler_args(pgd_iql), agent.log_prob)
+    sampler = new_sampler(pgd_iql, GaussianDenoiser(0.0, 1.0), norm, OBS, ACT)
     x = torch.randn(2, 4, channels)
     a = x[..., OBS:OBS + ACT].clone().requires_grad_(True)
     obs = norm.unnormalize(x)[..., :OBS]
     action = torch.tanh(a * norm.std[OBS:OBS + ACT] + norm.mean[OBS:OBS + ACT])
     agent.log_prob(obs, action).sum().backward()
-    torch.testing.assert_close(sampler.action_score(x), a.grad)
+    torch.testing.assert_close(sampler.action_score(x, agent.log_prob), a.grad)
 
 
 # ---------------------------------------------------------------- data: windows, normaliser, transitions
@@ -251,7 +306,7 @@ def test_td3bc_losses_and_bc_term_pulls_actor_to_dataset_actions():
     torch.manual_seed(0)
     args = pgd_td3bc.Args(hidden_dim=32, alpha=0.0, total_steps=400)  # alpha 0: the actor loss is pure BC
     stats = dict(obs_mean=torch.zeros(OBS), obs_std=torch.ones(OBS), return_min=0.0, return_max=1.0)
-    agent = pgd_td3bc.Agent(OBS, ACT, args, stats)
+    agent = pgd_td3bc.make_agent(args, ACT, stats)
     obs, actions, losses, before = fit_actions(agent)
     assert set(losses) == {"losses/qf_loss", "losses/actor_loss", "losses/bc_loss"}
     assert all(v.shape == () and torch.isfinite(v) for v in losses.values())
@@ -262,7 +317,7 @@ def test_iql_update_shapes_and_awr_fits_actions():
     torch.manual_seed(0)
     args = pgd_iql.Args(hidden_dim=32, total_steps=400)
     stats = dict(obs_mean=torch.zeros(OBS), obs_std=torch.ones(OBS), return_min=0.0, return_max=10.0)
-    agent = pgd_iql.Agent(OBS, ACT, args, stats)
+    agent = pgd_iql.make_agent(args, ACT, stats)
     assert agent.reward_scale == 100.0
     obs, actions, losses, before = fit_actions(agent)
     assert all(v.shape == () and torch.isfinite(v) for v in losses.values())
@@ -270,12 +325,123 @@ def test_iql_update_shapes_and_awr_fits_actions():
     assert agent.log_prob(obs, actions).shape == (256,)
 
 
+def test_td3bc_update_counts_official_two_critic_steps_and_actor_every_step():
+    stats = dict(obs_mean=torch.zeros(OBS), obs_std=torch.ones(OBS), return_min=0.0, return_max=1.0)
+    for kw, critic_steps, actor_steps in ((dict(), 4, 2), (pgd_td3bc.AGENT_PAPER, 8, 4)):
+        agent = pgd_td3bc.make_agent(pgd_td3bc.Args(hidden_dim=8, **kw), ACT, stats)
+        fit_actions(agent, steps=4)
+        q_state = agent.q_optimizer.state[agent.q1[0].weight]
+        actor_state = agent.actor_optimizer.state[agent.actor[0].weight]
+        assert (q_state["step"].item(), actor_state["step"].item()) == (critic_steps, actor_steps)
+        assert agent.q_optimizer.defaults["eps"] == kw.get("adam_eps", 1e-8)
+
+
+def test_iql_official_settings_constant_lr_no_reward_scale():
+    stats = dict(obs_mean=torch.zeros(OBS), obs_std=torch.ones(OBS), return_min=0.0, return_max=10.0)
+    cpu = pgd_iql.make_agent(pgd_iql.Args(hidden_dim=8, total_steps=10), ACT, stats)
+    paper = pgd_iql.make_agent(pgd_iql.Args(hidden_dim=8, total_steps=10, **pgd_iql.AGENT_PAPER), ACT, stats)
+    fit_actions(cpu, steps=5), fit_actions(paper, steps=5)
+    assert cpu.actor_optimizer.param_groups[0]["lr"] < 3e-4 and paper.actor_optimizer.param_groups[0]["lr"] == 3e-4
+    assert cpu.reward_scale == 100.0 and paper.reward_scale == 1.0
+    with torch.no_grad():
+        paper.log_std.fill_(-30.0)
+    assert paper.dist(torch.zeros(1, OBS)).scale[0, 0].item() == pytest.approx(math.exp(-20))
+
+
+# ---------------------------------------------------------------- presets and configuration
+# The official configuration (../shared/reference/official-pgd-config.md), as --print-config must show it.
+OFFICIAL = dict(horizon=32, window_stride=8, val_fraction=0.05, sigma_data=1.0, sigma_min=0.002, sigma_max=80.0,
+                rho=7.0, P_mean=-1.2, P_std=1.2, sampler_steps=256, S_churn=80.0, S_tmin=0.05, S_tmax=50.0,
+                S_noise=1.003, euler_from_churned=False, normalize_guidance=False, guide_on_denoised=False,
+                guidance_cosine=0.3, unet="plain", diffuser_channels=1024, diffuser_mults=[1, 2, 4],
+                diffuser_kernel_size=3, diffuser_batch_size=32, diffuser_lr=2e-3, diffuser_warmup=0.1,
+                diffuser_warmup_start=0.1, diffuser_epochs=10_000, ema_decay=0.995, ema_every=10, sample_horizon=129,
+                num_synthetic=1_048_576, terminal_aware_transitions=False, regenerate_every=10_000, batch_size=256,
+                synthetic_ratio=240 / 256, total_steps=1_000_000, learning_rate=3e-4, adam_eps=1e-5, gamma=0.99,
+                tau=0.005, hidden_dim=256, eval_episodes=16)
+OFFICIAL_AGENT = {"pgd_iql.py": dict(expectile=0.7, beta=3.0, exp_adv_max=100.0, log_std_min=-20.0,
+                                     actor_cosine_lr=False, normalize_reward=False),
+                  "pgd_td3bc.py": dict(alpha=2.5, policy_noise=0.2, noise_clip=0.5, critic_updates=2, policy_freq=1)}
+
+
+def print_config(script, *flags):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags, "--print-config",
+                        "--env-id", "no-such-dataset"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout), p.stderr
+
+
+@pytest.mark.parametrize("script", ["pgd_iql.py", "pgd_td3bc.py"])
+def test_print_config_paper_preset_has_the_official_values(script):
+    config, _ = print_config(script, "--preset", "paper")
+    expected = {**OFFICIAL, **OFFICIAL_AGENT[script]}
+    assert {k: config[k] for k in expected} == expected
+    module = pgd_iql if script == "pgd_iql.py" else pgd_td3bc
+    assert set(config) == {f.name for f in dataclasses.fields(module.Args)}  # the keys are the Args fields
+    cpu, _ = print_config(script)
+    assert cpu["preset"] == "cpu" and cpu["sigma_data"] == 1.0 and cpu["sample_horizon"] == cpu["horizon"] == 32
+
+
+def test_explicit_flag_beats_preset_and_paper_scale_is_an_alias():
+    config, _ = print_config("pgd_iql.py", "--preset", "paper", "--sampler-steps", "64", "--sigma-data", "0.5")
+    assert config["sampler_steps"] == 64 and config["sigma_data"] == 0.5 and config["num_synthetic"] == 1_048_576
+    alias, err = print_config("pgd_iql.py", "--paper-scale", "--sampler-steps", "256")
+    assert "deprecated" in err and alias["sampler_steps"] == 256
+    paper, _ = print_config("pgd_iql.py", "--preset", "paper")
+    assert alias.pop("paper_scale") and not paper.pop("paper_scale") and alias == paper
+    assert pgd_iql.preset_args("paper", seed=3).sampler_steps == 256 and pgd_iql.Args().sigma_data == 1.0
+
+
+def official_unet_params(data_dim, features, levels):
+    """Parameter count of the official flax U-Net, layer by layer from its models/diffusion.py."""
+    half = features // 8
+    n = 2 * half * features + features + features * features + features  # time embedding: two Dense layers
+    dims = [features * 2 ** i for i in range(levels)]
+    c_prev = data_dim
+    for c in dims:  # encoder: conv3, Dense(t), GroupNorm, conv3, GroupNorm
+        n += 3 * c_prev * c + c + features * c + c + 2 * c + 3 * c * c + c + 2 * c
+        c_prev = c
+    for c in reversed(dims[:-1]):  # decoder: conv2, Dense(t), GroupNorm, conv3 (concat), GroupNorm, conv3, GroupNorm
+        n += 2 * c_prev * c + c + features * c + c + 2 * c + 3 * 2 * c * c + c + 2 * c + 3 * c * c + c + 2 * c
+        c_prev = c
+    return n + c_prev * data_dim + data_dim  # 1x1 output conv
+
+
+def test_paper_unet_is_the_official_size_built_on_meta():
+    with torch.device("meta"):
+        den = pgd_iql.build_denoiser(pgd_iql.PAPER, 25)
+    count = sum(p.numel() for p in den.parameters())
+    assert count == official_unet_params(25, 1024, 3) and 177e6 < count < 179e6
+    small = pgd_iql.build_denoiser(dict(pgd_iql.PAPER, diffuser_channels=16), 7)
+    assert sum(p.numel() for p in small.parameters()) == official_unet_params(7, 16, 3)
+    x = torch.randn(2, 129, 7)
+    assert small(x, torch.ones(2)).shape == x.shape
+
+
+def test_129_row_sample_of_a_32_row_model_gives_128_transitions():
+    channels = OBS + ACT + 2
+    torch.manual_seed(0)
+    for unet in ("residual", "plain"):
+        den = pgd_iql.build_denoiser(dict(unet=unet, diffuser_channels=16, diffuser_mults=(1, 2, 4),
+                                          diffuser_kernel_size=3, sigma_data=1.0), channels).requires_grad_(False)
+        sampler = new_sampler(pgd_iql, den, identity_normalizer(pgd_iql, channels), OBS, ACT, sampler_steps=3)
+        x = sampler(5, 129, torch.Generator().manual_seed(0))
+        assert x.shape == (5, 129, channels) and torch.isfinite(x).all()
+        x[..., -1] = -1.0  # no terminals
+        x[1, 40, -1] = 1.0  # one terminal in the middle of trajectory 1
+        official = pgd_iql.transitions_from_windows(x, OBS, ACT, terminal_aware=False)
+        assert len(official["obs"]) == 5 * 128 and official["dones"].sum() == 1
+        torch.testing.assert_close(official["next_obs"][:128], x[0, 1:, :OBS])
+        ours = pgd_iql.transitions_from_windows(x, OBS, ACT)
+        assert len(ours["obs"]) == 4 * 128 + 41  # trajectory 1 ends at its terminal
+
+
 def test_shared_blocks_have_not_drifted():
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import sync_shared
     assert sync_shared.drift() == []
     names = set(sync_shared.blocks(open(os.path.join(ROOT, "pgd_iql.py")).read()))
-    assert {"imports", "args", "datasets", "diffuser", "sampler", "evaluation", "main"} <= names
+    assert {"imports", "args", "config", "datasets", "diffuser", "sampler", "evaluation", "main"} <= names
     assert names == set(sync_shared.blocks(open(os.path.join(ROOT, "pgd_td3bc.py")).read()))
 
 
@@ -310,7 +476,8 @@ def results(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["pgd_iql.py", "pgd_td3bc.py"])
-@pytest.mark.parametrize("variant", [["--synthetic-ratio", "0"], ["--guidance-coef", "0"], ["--save-model"]],
+@pytest.mark.parametrize("variant", [["--synthetic-ratio", "0"], ["--guidance-coef", "0"],
+                                     ["--save-model", "--sample-horizon", "13"]],
                          ids=["real", "unguided", "guided"])
 def test_end_to_end_tiny(script, variant, tiny_store, tmp_path):
     p = run_script(script, TINY + variant, tiny_store, tmp_path)
@@ -320,7 +487,7 @@ def test_end_to_end_tiny(script, variant, tiny_store, tmp_path):
     assert "last score" in p.stdout and any(f.startswith("events.out.tfevents") for f in os.listdir(run))
     has_diffuser = bool(list((tmp_path / "diffusers").glob("*.pt"))) if (tmp_path / "diffusers").exists() else False
     assert has_diffuser == (variant[0] != "--synthetic-ratio")
-    if variant == ["--save-model"]:
+    if "--save-model" in variant:
         ckpt = torch.load(run / "policy.pt")
         assert ckpt["obs_dim"] == 11 and ckpt["act_dim"] == 3
 
@@ -346,12 +513,11 @@ def small_unet_samples(**kw) -> torch.Tensor:
     channels = OBS + ACT + 2
     torch.manual_seed(0)
     agent = make_policy_agent(pgd_iql, 0.5)
-    den = pgd_iql.build_denoiser(dict(diffuser_channels=16, diffuser_mults=(1, 2), diffuser_kernel_size=3, sigma_data=0.5),
+    den = pgd_iql.build_denoiser(dict(diffuser_channels=16, diffuser_mults=(1, 2), diffuser_kernel_size=3, sigma_data=1.0),
                                  channels).requires_grad_(False)
     torch.nn.init.normal_(den.net.out[-1].weight, std=0.1)
-    args = sampler_args(pgd_iql, guidance_coef=0.5, **kw)
-    sampler = pgd_iql.GuidedEDMSampler(den, identity_normalizer(pgd_iql, channels), OBS, ACT, args, agent.log_prob)
-    return sampler(64, 8, torch.Generator().manual_seed(0))
+    sampler = new_sampler(pgd_iql, den, identity_normalizer(pgd_iql, channels), OBS, ACT, **kw)
+    return sampler(64, 8, torch.Generator().manual_seed(0), agent.log_prob, 0.5)
 
 
 def test_compiled_guided_sampler_matches_eager():
@@ -378,8 +544,10 @@ def test_compile_flag_end_to_end(tiny_store, tmp_path):
 def test_bad_inputs_give_one_line_errors(tiny_store, tmp_path):
     p = run_script("pgd_iql.py", ["--env-id", "hopper-nonsense"], tiny_store, tmp_path, check=False)
     assert p.returncode != 0 and "unknown --env-id" in p.stderr and "Traceback" not in p.stderr
-    p = run_script("pgd_iql.py", TINY + ["--horizon", "7"], tiny_store, tmp_path, check=False)
-    assert p.returncode != 0 and "--horizon" in p.stderr and "Traceback" not in p.stderr
+    p = run_script("pgd_iql.py", TINY + ["--sample-horizon", "1"], tiny_store, tmp_path, check=False)
+    assert p.returncode != 0 and "--sample-horizon" in p.stderr and "Traceback" not in p.stderr
+    p = run_script("pgd_iql.py", TINY + ["--paper-scale", "--preset", "cpu"], tiny_store, tmp_path, check=False)
+    assert p.returncode != 0 and "--preset paper" in p.stderr and "Traceback" not in p.stderr
     p = run_script("pgd_iql.py", TINY + ["--diffuser-checkpoint", str(tmp_path / "nope.pt")], tiny_store, tmp_path, check=False)
     assert p.returncode != 0 and "does not exist" in p.stderr and "Traceback" not in p.stderr
     blocker = tmp_path / "file"
