@@ -896,8 +896,13 @@ def main(args: Args):
         return None
     if not 0 <= args.synthetic_ratio <= 1:
         raise SystemExit(f"error: --synthetic-ratio must be in [0, 1], got {args.synthetic_ratio}")
-    if min(args.horizon, args.sample_horizon) < 2:
-        raise SystemExit("error: --horizon and --sample-horizon must be >= 2 (rows; a transition needs two)")
+    minimum = dict(horizon=2, sample_horizon=2, window_stride=1, diffuser_steps=1, diffuser_batch_size=1, ema_every=1,
+                   sampler_steps=1, sample_batch_size=1, total_steps=1, batch_size=1, num_synthetic=1,
+                   regenerate_every=1, eval_every=1, eval_episodes=1, log_every=1)
+    too_small = [f"--{k.replace('_', '-')} {getattr(args, k)} (must be >= {m})" for k, m in minimum.items()
+                 if getattr(args, k) < m]
+    if too_small:
+        raise SystemExit(f"error: {'; '.join(too_small)}")
     dataset = load_dataset(args.env_id)
     dataset_id = dataset.spec.dataset_id
     run_dir = make_run_dir(args)

@@ -544,8 +544,10 @@ def test_compile_flag_end_to_end(tiny_store, tmp_path):
 def test_bad_inputs_give_one_line_errors(tiny_store, tmp_path):
     p = run_script("pgd_iql.py", ["--env-id", "hopper-nonsense"], tiny_store, tmp_path, check=False)
     assert p.returncode != 0 and "unknown --env-id" in p.stderr and "Traceback" not in p.stderr
-    p = run_script("pgd_iql.py", TINY + ["--sample-horizon", "1"], tiny_store, tmp_path, check=False)
-    assert p.returncode != 0 and "--sample-horizon" in p.stderr and "Traceback" not in p.stderr
+    for flag, value in (("--sample-horizon", "1"), ("--sampler-steps", "0"), ("--num-synthetic", "-1"),
+                        ("--batch-size", "0"), ("--regenerate-every", "0"), ("--total-steps", "0")):
+        p = run_script("pgd_td3bc.py", ["--env-id", "no-such-dataset", flag, value], tiny_store, tmp_path, check=False)
+        assert p.returncode != 0 and f"{flag} {value} (must be" in p.stderr and "Traceback" not in p.stderr
     p = run_script("pgd_iql.py", TINY + ["--paper-scale", "--preset", "cpu"], tiny_store, tmp_path, check=False)
     assert p.returncode != 0 and "--preset paper" in p.stderr and "Traceback" not in p.stderr
     p = run_script("pgd_iql.py", TINY + ["--diffuser-checkpoint", str(tmp_path / "nope.pt")], tiny_store, tmp_path, check=False)
