@@ -58,11 +58,11 @@ class Args:
     save_model: bool = False
     """if toggled, save the final agent (and its policy checkpoint for pets_baseline.py) to the run dir"""
     preset: Literal["cpu", "paper"] = "cpu"
-    """defaults of every other field: `cpu` (small, this harness's choices) or `paper` (the official code's values, GPU); an explicit flag always wins"""
+    """defaults of the other fields: `cpu` (small, this harness's choices) or `paper` (the official values); flags win"""
     paper_scale: bool = False
     """deprecated alias of `--preset paper`"""
     print_config: bool = False
-    """print the resolved configuration (after the preset and the flags) as one JSON object and exit, without loading data"""
+    """print the resolved configuration (preset, then flags) as one JSON object and exit, without loading data"""
 
     # Data
     horizon: int = 32
@@ -324,11 +324,12 @@ def transitions_from_windows(x: torch.Tensor, obs_dim: int, act_dim: int, termin
     (H-1 transitions per window, the official code's conversion)."""
     obs, pre_act = x[..., :obs_dim], x[..., obs_dim:obs_dim + act_dim]
     rewards, dones = x[..., -2], (x[..., -1] > 0.5).float()
-    keep = torch.ones_like(dones, dtype=torch.bool)
-    keep[:, -1] = False
     if terminal_aware:
         keep = (dones.cumsum(1) - dones) == 0
         keep[:, -1] &= dones[:, -1] > 0
+    else:
+        keep = torch.ones_like(dones, dtype=torch.bool)
+        keep[:, -1] = False
     next_obs = torch.cat([obs[:, 1:], obs[:, -1:]], 1)  # the last row's successor is never used (terminal or dropped)
     return dict(obs=obs[keep], actions=torch.tanh(pre_act[keep]), rewards=rewards[keep], next_obs=next_obs[keep],
                 dones=dones[keep])
@@ -432,8 +433,8 @@ class TemporalUNet(nn.Module):
 class PlainUNet(nn.Module):
     """The official code's U-Net (its models/diffusion.py): per level a conv, plus the sigma embedding, then
     GroupNorm-ReLU-conv-GroupNorm-ReLU; max-pooling down; up: nearest resize to the skip's length, a conv of kernel 2
-    ("same" padding, one zero on the right) plus the embedding, GroupNorm-ReLU, concatenation with the skip, two conv-GroupNorm-ReLU; a 1x1 conv out. No
-    residual connections, PyTorch's default initialisation. [B, H, C] -> [B, H, C], any H."""
+    ("same" padding: one zero on the right) plus the embedding, GroupNorm-ReLU, concatenation with the skip, two
+    conv-GroupNorm-ReLU; a 1x1 conv out. No residual connections, PyTorch's default initialisation. Any H."""
 
     def __init__(self, data_dim: int, channels: int, mults: tuple[int, ...], kernel_size: int):
         super().__init__()
@@ -645,10 +646,9 @@ class GuidedEDMSampler(nn.Module):
     the sampler is unguided. The constructor's keywords are the Args fields of SAMPLER_FIELDS."""
 
     def __init__(self, denoiser: EDMDenoiser, normalizer: Normalizer, obs_dim: int, act_dim: int, *,
-                 sampler_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                 S_churn: float = 80.0, S_tmin: float = 0.05, S_tmax: float = 50.0, S_noise: float = 1.003,
-                 euler_from_churned: bool = True, guidance_cosine: float = 0.3, normalize_guidance: bool = True,
-                 guide_on_denoised: bool = False, sampler_bf16: bool = False, compile: bool = False):
+                 sampler_steps: int, sigma_min: float, sigma_max: float, rho: float, S_churn: float, S_tmin: float,
+                 S_tmax: float, S_noise: float, euler_from_churned: bool, guidance_cosine: float,
+                 normalize_guidance: bool, guide_on_denoised: bool, sampler_bf16: bool, compile: bool):
         super().__init__()
         self.denoiser, self.normalizer, self.obs_dim, self.act_dim = denoiser, normalizer, obs_dim, act_dim
         self.num_steps, self.S_noise, self.guidance_cosine = sampler_steps, S_noise, guidance_cosine

@@ -22,7 +22,10 @@ OBS, ACT = 3, 2
 
 
 def new_sampler(module, den, norm, obs_dim, act_dim, **kw):
-    return module.GuidedEDMSampler(den, norm, obs_dim, act_dim, **{"sampler_steps": 32, **kw})
+    """The script's sampler with its Args defaults (eager, 32 steps) except `kw`."""
+    defaults = module.Args(sampler_steps=32, compile=False)
+    return module.GuidedEDMSampler(den, norm, obs_dim, act_dim,
+                                   **{**{k: getattr(defaults, k) for k in module.SAMPLER_FIELDS}, **kw})
 
 
 class GaussianDenoiser(torch.nn.Module):
