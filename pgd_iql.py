@@ -194,6 +194,8 @@ class Args:
 
 # the official code's agent settings, applied with the shared PAPER ones by `--preset paper`
 AGENT_PAPER = dict(adam_eps=1e-5, log_std_min=-20.0, actor_cosine_lr=False, normalize_reward=False)
+AGENT_RANGES = dict(gamma="[0, 1]", tau="(0, 1]", learning_rate="(0, inf)", adam_eps="(0, inf)", hidden_dim="[1, inf)",
+                    expectile="(0, 1)", beta="[0, inf)", exp_adv_max="(0, inf)", log_std_min="(-inf, 2)")
 
 
 # SHARED BEGIN: config
@@ -589,17 +591,24 @@ def load_diffuser(path: str, device: torch.device) -> tuple[EDMDenoiser, Normali
     """A checkpoint as written by get_diffuser: dict(ema, mean, std, config, data_dim, dataset_id)."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: --diffuser-checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location=device)
-    denoiser = build_denoiser(ckpt["config"], ckpt["data_dim"]).to(device)
-    denoiser.load_state_dict(ckpt["ema"])
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        denoiser = build_denoiser(ckpt["config"], ckpt["data_dim"]).to(device)
+        denoiser.load_state_dict(ckpt["ema"])
+    except Exception as e:  # garbage, truncated, or another script's checkpoint
+        raise SystemExit(f"error: {path} is not a readable diffuser checkpoint of this harness ({type(e).__name__}); "
+                         f"delete it and train again, or pass another --diffuser-checkpoint") from None
     return denoiser.requires_grad_(False), Normalizer(ckpt["mean"], ckpt["std"]).to(device), ckpt
 
 
 def get_diffuser(args: Args, dataset_id: str, windows: np.ndarray, val_windows: np.ndarray, writer: SummaryWriter,
                  device: torch.device) -> tuple[EDMDenoiser, Normalizer]:
-    """Load the diffuser from --diffuser-checkpoint or the cache, else train it and cache it (atomically)."""
+    """Load the diffuser from --diffuser-checkpoint or the cache, else train it and cache it (atomically). The cache key
+    covers the dataset's content (its training windows), so a dataset rebuilt under the same id is never served a stale
+    diffuser."""
     config = {k: getattr(args, k) for k in DIFFUSER_FIELDS}
-    key = hashlib.sha1(json.dumps([dataset_id, config], sort_keys=True).encode()).hexdigest()[:10]
+    content = hashlib.sha1(np.ascontiguousarray(windows).tobytes()).hexdigest()
+    key = hashlib.sha1(json.dumps([dataset_id, config, content], sort_keys=True).encode()).hexdigest()[:10]
     path = args.diffuser_checkpoint or os.path.join(
         args.diffuser_cache_dir, f"{dataset_id.replace('/', '_')}__{key}__seed{args.seed}.pt")
     if args.diffuser_checkpoint or os.path.isfile(path):
@@ -876,14 +885,48 @@ def normalized_score(dataset, returns: np.ndarray) -> np.ndarray:
 
 
 # SHARED BEGIN: main
+# valid range of every numeric field shared by the agent scripts (the agent's own are its AGENT_RANGES)
+RANGES = dict(horizon="[2, inf)", sample_horizon="[2, inf)", window_stride="[1, inf)", val_fraction="[0, 1)",
+              diffuser_channels="[1, inf)", diffuser_kernel_size="[1, inf)", diffuser_steps="[1, inf)",
+              diffuser_epochs="[0, inf)", diffuser_batch_size="[1, inf)", diffuser_lr="(0, inf)", diffuser_warmup="[0, 1]",
+              diffuser_warmup_start="[0, 1]", ema_decay="[0, 1)", ema_every="[1, inf)", sigma_data="(0, inf)",
+              P_mean="(-inf, inf)", P_std="(0, inf)", sampler_steps="[1, inf)", sigma_min="(0, inf)",
+              sigma_max="(0, inf)", rho="(0, inf)", S_churn="[0, inf)", S_tmin="[0, inf)", S_tmax="[0, inf)",
+              S_noise="(0, inf)", guidance_coef="[0, inf)", guidance_cosine="(-inf, inf)", sample_batch_size="[1, inf)",
+              total_steps="[1, inf)", batch_size="[1, inf)", synthetic_ratio="[0, 1]", num_synthetic="[1, inf)",
+              regenerate_every="[1, inf)", eval_every="[1, inf)", eval_episodes="[1, inf)", log_every="[1, inf)")
+
+
+def check_ranges(args, ranges: dict[str, str]):
+    """Stop with one line naming the first field outside its interval (e.g. `[1, inf)`, `(0, 1)`); NaN never passes;
+    None (a field still to be resolved from another) is skipped."""
+    for name, interval in ranges.items():
+        value, (low, high) = getattr(args, name), (float(b) for b in interval[1:-1].split(","))
+        if value is None:
+            continue
+        above = value >= low if interval[0] == "[" else value > low
+        below = value <= high if interval[-1] == "]" else value < high
+        if not (above and below):
+            raise SystemExit(f"error: --{name.replace('_', '-')} {value} is outside its valid range {interval}")
+    if min(args.diffuser_mults) < 1:
+        raise SystemExit(f"error: --diffuser-mults {args.diffuser_mults}: every multiplier must be >= 1")
+
+
 def make_run_dir(args: Args) -> str:
-    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.runs_root, run_name)
-    try:
-        os.makedirs(run_dir, exist_ok=False)
-    except OSError as e:
-        raise SystemExit(f"error: cannot create run dir {run_dir} ({e.strerror}); pass a writable --runs-root") from None
-    return run_dir
+    """A new run dir `{env}__{exp}__{seed}__{time}`, with a `_k` suffix when runs started in the same second collide."""
+    name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    base = os.path.join(args.runs_root, name)
+    for k in range(1000):
+        run_dir = f"{base}_{k}" if k else base
+        try:
+            os.makedirs(run_dir, exist_ok=False)
+            return run_dir
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise SystemExit(f"error: cannot create run dir {run_dir} ({e.strerror}); "
+                             f"pass a writable --runs-root") from None
+    raise SystemExit(f"error: 1000 run dirs {base}_* exist already; pass another --runs-root")
 
 
 def main(args: Args):
@@ -891,18 +934,12 @@ def main(args: Args):
     if args.paper_scale and args.preset != "paper":
         raise SystemExit("error: --paper-scale is deprecated; use --preset paper (as a module: preset_args('paper'))")
     args = dataclasses.replace(args, sample_horizon=args.sample_horizon or args.horizon)
+    check_ranges(args, {**RANGES, **AGENT_RANGES})
     if args.print_config:
         print(json.dumps(dataclasses.asdict(args)))
         return None
     if not 0 <= args.synthetic_ratio <= 1:
         raise SystemExit(f"error: --synthetic-ratio must be in [0, 1], got {args.synthetic_ratio}")
-    minimum = dict(horizon=2, sample_horizon=2, window_stride=1, diffuser_steps=1, diffuser_batch_size=1, ema_every=1,
-                   sampler_steps=1, sample_batch_size=1, total_steps=1, batch_size=1, num_synthetic=1,
-                   regenerate_every=1, eval_every=1, eval_episodes=1, log_every=1)
-    too_small = [f"--{k.replace('_', '-')} {getattr(args, k)} (must be >= {m})" for k, m in minimum.items()
-                 if getattr(args, k) < m]
-    if too_small:
-        raise SystemExit(f"error: {'; '.join(too_small)}")
     dataset = load_dataset(args.env_id)
     dataset_id = dataset.spec.dataset_id
     run_dir = make_run_dir(args)

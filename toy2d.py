@@ -548,17 +548,24 @@ def load_diffuser(path: str, device: torch.device) -> tuple[EDMDenoiser, Normali
     """A checkpoint as written by get_diffuser: dict(ema, mean, std, config, data_dim, dataset_id)."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: --diffuser-checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location=device)
-    denoiser = build_denoiser(ckpt["config"], ckpt["data_dim"]).to(device)
-    denoiser.load_state_dict(ckpt["ema"])
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        denoiser = build_denoiser(ckpt["config"], ckpt["data_dim"]).to(device)
+        denoiser.load_state_dict(ckpt["ema"])
+    except Exception as e:  # garbage, truncated, or another script's checkpoint
+        raise SystemExit(f"error: {path} is not a readable diffuser checkpoint of this harness ({type(e).__name__}); "
+                         f"delete it and train again, or pass another --diffuser-checkpoint") from None
     return denoiser.requires_grad_(False), Normalizer(ckpt["mean"], ckpt["std"]).to(device), ckpt
 
 
 def get_diffuser(args: Args, dataset_id: str, windows: np.ndarray, val_windows: np.ndarray, writer: SummaryWriter,
                  device: torch.device) -> tuple[EDMDenoiser, Normalizer]:
-    """Load the diffuser from --diffuser-checkpoint or the cache, else train it and cache it (atomically)."""
+    """Load the diffuser from --diffuser-checkpoint or the cache, else train it and cache it (atomically). The cache key
+    covers the dataset's content (its training windows), so a dataset rebuilt under the same id is never served a stale
+    diffuser."""
     config = {k: getattr(args, k) for k in DIFFUSER_FIELDS}
-    key = hashlib.sha1(json.dumps([dataset_id, config], sort_keys=True).encode()).hexdigest()[:10]
+    content = hashlib.sha1(np.ascontiguousarray(windows).tobytes()).hexdigest()
+    key = hashlib.sha1(json.dumps([dataset_id, config, content], sort_keys=True).encode()).hexdigest()[:10]
     path = args.diffuser_checkpoint or os.path.join(
         args.diffuser_cache_dir, f"{dataset_id.replace('/', '_')}__{key}__seed{args.seed}.pt")
     if args.diffuser_checkpoint or os.path.isfile(path):

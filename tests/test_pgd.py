@@ -10,6 +10,8 @@ import types
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -351,6 +353,52 @@ def test_iql_official_settings_constant_lr_no_reward_scale():
     assert paper.dist(torch.zeros(1, OBS)).scale[0, 0].item() == pytest.approx(math.exp(-20))
 
 
+# ---------------------------------------------------------------- argument validation (hypothesis)
+def interval_bounds(interval):
+    low, high = (float(b) for b in interval[1:-1].split(","))
+    return low, high, interval[0] == "[", interval[-1] == "]"
+
+
+@st.composite
+def invalid_value(draw, module):
+    """(field, value): a value of the field's type outside its valid interval, or NaN for a float field."""
+    ranges = {**module.RANGES, **module.AGENT_RANGES}
+    name = draw(st.sampled_from(sorted(ranges)))
+    low, high, low_closed, high_closed = interval_bounds(ranges[name])
+    is_int = isinstance(getattr(module.Args(), name), int)
+    sides = [s for s, b in (("low", low), ("high", high)) if math.isfinite(b)]
+    if not is_int and draw(st.booleans()) or not sides:
+        return name, float("nan")
+    side = draw(st.sampled_from(sides))
+    gap = draw(st.integers(0 if side == "low" and not low_closed or side == "high" and not high_closed else 1, 10 ** 6))
+    value = low - gap if side == "low" else high + gap
+    if not is_int:
+        value = float(value) - (draw(st.floats(0, 1)) if gap else 0.0) * (1 if side == "low" else -1)
+    return name, int(value) if is_int else value
+
+
+@pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_every_invalid_numeric_field_gives_one_line(module, data):
+    name, value = data.draw(invalid_value(module))
+    with pytest.raises(SystemExit) as e:
+        module.check_ranges(dataclasses.replace(module.Args(), **{name: value}), {**module.RANGES, **module.AGENT_RANGES})
+    message = str(e.value.code)
+    assert message.startswith(f"error: --{name.replace('_', '-')} ") and "\n" not in message
+
+
+@pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.fixed_dictionaries(dict(horizon=st.integers(2, 64), sampler_steps=st.integers(1, 8),
+                                        num_synthetic=st.integers(1, 10 ** 6), batch_size=st.integers(1, 512),
+                                        synthetic_ratio=st.floats(0, 1), ema_decay=st.floats(0, 0.9999),
+                                        tau=st.floats(1e-4, 1), diffuser_warmup=st.floats(0, 1))))
+def test_valid_tiny_configs_pass_validation(module, sizes):
+    module.check_ranges(module.Args(**sizes), {**module.RANGES, **module.AGENT_RANGES})
+    module.check_ranges(module.preset_args("paper", **sizes), {**module.RANGES, **module.AGENT_RANGES})
+
+
 # ---------------------------------------------------------------- presets and configuration
 # The official configuration (../shared/reference/official-pgd-config.md), as --print-config must show it.
 OFFICIAL = dict(horizon=32, window_stride=8, val_fraction=0.05, sigma_data=1.0, sigma_min=0.002, sigma_max=80.0,
@@ -511,6 +559,32 @@ def test_same_seed_same_numbers(tiny_store, tmp_path):
     assert all(torch.equal(wa[k], wc[k]) for k in wa) and results(c)[0]["history"] == ha
 
 
+def test_run_dirs_are_unique_for_runs_started_in_the_same_second(tmp_path):
+    args = pgd_iql.Args(runs_root=str(tmp_path))
+    dirs = [pgd_iql.make_run_dir(args) for _ in range(3)]
+    assert len(set(dirs)) == 3 and all(os.path.isdir(d) for d in dirs)
+
+
+def test_rebuilt_dataset_under_the_same_id_gets_a_new_diffuser(minari_store, tmp_path):
+    """The cache key covers the data: a dataset rebuilt under the same id is not served the old diffuser."""
+    import minari
+    fast = TINY + ["--diffuser-steps", "20", "--total-steps", "2", "--eval-every", "2", "--eval-episodes", "1",
+                   "--num-synthetic", "50", "--regenerate-every", "2", "--sampler-steps", "2"]
+
+    def build(seed):
+        rng = np.random.default_rng(seed)
+        write_tiny_dataset("mujoco/hopper/medium-replay-v0", "Hopper-v5", 600, 60,
+                           lambda d: np.clip(rng.normal(0, 0.3, d), -1, 1), rng, (-20.272305, 3234.3))
+
+    build(0)
+    outputs = [run_script("pgd_iql.py", fast, str(minari_store), tmp_path).stdout]
+    minari.delete_dataset("mujoco/hopper/medium-replay-v0")
+    build(1)  # rebuilt with other content, same id
+    outputs += [run_script("pgd_iql.py", fast, str(minari_store), tmp_path).stdout for _ in range(2)]
+    assert ["training diffuser" in o for o in outputs] == [True, True, False]  # the third run reuses the second's
+    assert len(list((tmp_path / "diffusers").glob("*.pt"))) == 2
+
+
 def small_unet_samples(**kw) -> torch.Tensor:
     """Guided samples of a small random U-Net denoiser; the same noise on every call."""
     channels = OBS + ACT + 2
@@ -550,11 +624,17 @@ def test_bad_inputs_give_one_line_errors(tiny_store, tmp_path):
     for flag, value in (("--sample-horizon", "1"), ("--sampler-steps", "0"), ("--num-synthetic", "-1"),
                         ("--batch-size", "0"), ("--regenerate-every", "0"), ("--total-steps", "0")):
         p = run_script("pgd_td3bc.py", ["--env-id", "no-such-dataset", flag, value], tiny_store, tmp_path, check=False)
-        assert p.returncode != 0 and f"{flag} {value} (must be" in p.stderr and "Traceback" not in p.stderr
+        assert p.returncode != 0 and f"{flag} {value} is outside" in p.stderr and "Traceback" not in p.stderr
     p = run_script("pgd_iql.py", TINY + ["--paper-scale", "--preset", "cpu"], tiny_store, tmp_path, check=False)
     assert p.returncode != 0 and "--preset paper" in p.stderr and "Traceback" not in p.stderr
     p = run_script("pgd_iql.py", TINY + ["--diffuser-checkpoint", str(tmp_path / "nope.pt")], tiny_store, tmp_path, check=False)
     assert p.returncode != 0 and "does not exist" in p.stderr and "Traceback" not in p.stderr
+    (tmp_path / "garbage.pt").write_bytes(os.urandom(4096))
+    torch.save({"something": torch.zeros(3)}, tmp_path / "other.pt")
+    for bad in ("garbage.pt", "other.pt"):
+        p = run_script("pgd_iql.py", TINY + ["--diffuser-checkpoint", str(tmp_path / bad)], tiny_store, tmp_path, check=False)
+        assert p.returncode != 0 and "not a readable diffuser checkpoint" in p.stderr and "Traceback" not in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and "weights_only=False" not in p.stderr
     blocker = tmp_path / "file"
     blocker.write_text("")
     p = subprocess.run([sys.executable, os.path.join(ROOT, "pgd_iql.py"), *TINY, "--runs-root", str(blocker / "runs")],
