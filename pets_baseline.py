@@ -154,6 +154,23 @@ class Args:
     """Hopper/Walker2d: states with an observed |velocity| >= 10 - tol are flagged (true velocity unknown) and skipped"""
 
 
+# SHARED BEGIN: validation
+def check_ranges(args, ranges: dict[str, str]):
+    """Stop with one line naming the first field outside its interval (e.g. `[1, inf)`, `(0, 1)`; every entry of a tuple
+    field); NaN never passes; None (a field still to be resolved from another) is skipped."""
+    for name, interval in ranges.items():
+        low, high = (float(b) for b in interval[1:-1].split(","))
+        value = getattr(args, name)
+        for v in (value if isinstance(value, (tuple, list)) else () if value is None else (value,)):
+            above = v >= low if interval[0] == "[" else v > low
+            below = v <= high if interval[-1] == "]" else v < high
+            if not (above and below):
+                raise SystemExit(f"error: --{name.replace('_', '-')} {value} is outside its valid range {interval}")
+
+
+# SHARED END: validation
+
+
 # SHARED BEGIN: datasets
 # Short dataset names (D4RL style) -> Minari dataset ids. `mujoco/<env>/{medium,expert}-v0` also exist on Minari's
 # remote store; `random`, `medium-replay` and `medium-expert` exist only when built by collect_datasets.py.
@@ -1059,14 +1076,24 @@ def policy_names(args: Args) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
 
 
+# valid range of every numeric field
+RANGES = dict(torch_threads="[1, inf)", guidance_coefs="[0, inf)", sampler_steps="[1, inf)", sigma_min="(0, inf)",
+              sigma_max="(0, inf)", rho="(0, inf)", S_churn="[0, inf)", S_tmin="[0, inf)", S_tmax="[0, inf)",
+              S_noise="(0, inf)", guidance_cosine="(-inf, inf)", sample_horizon="[2, inf)", sample_batch_size="[1, inf)",
+              ensemble_size="[1, inf)", num_elites="[1, inf)", dynamics_hidden="[1, inf)", dynamics_layers="[1, inf)",
+              dynamics_lr="(0, inf)", dynamics_weight_decay="[0, inf)", dynamics_batch_size="[1, inf)",
+              dynamics_steps="[1, inf)", dynamics_eval_every="[1, inf)", dynamics_patience="[1, inf)",
+              dynamics_val_fraction="(0, 1)", dynamics_max_holdout="[1, inf)", logvar_loss_coef="[0, inf)",
+              num_trajectories="[1, inf)", rollout_length="[1, inf)", report_steps="[1, inf)", clip_tolerance="[0, inf)")
+
+
 def main(args: Args) -> dict:
+    check_ranges(args, RANGES)
     if not args.policy_checkpoints:
         raise SystemExit("error: pass at least one --policy-checkpoints (a policy.pt of pgd_iql.py/pgd_td3bc.py "
                          "--save-model, or a collect_datasets.py policy)")
     if not 1 <= args.num_elites <= args.ensemble_size:
         raise SystemExit(f"error: --num-elites must be in [1, --ensemble-size], got {args.num_elites}")
-    if any(c < 0 for c in args.guidance_coefs):
-        raise SystemExit("error: --guidance-coefs must be >= 0")
     start = time.time()
     dataset = load_dataset(args.env_id)
     dataset_id = dataset.spec.dataset_id

@@ -234,6 +234,23 @@ def parse_args(argv: Optional[list[str]] = None) -> Args:
 # SHARED END: config
 
 
+# SHARED BEGIN: validation
+def check_ranges(args, ranges: dict[str, str]):
+    """Stop with one line naming the first field outside its interval (e.g. `[1, inf)`, `(0, 1)`; every entry of a tuple
+    field); NaN never passes; None (a field still to be resolved from another) is skipped."""
+    for name, interval in ranges.items():
+        low, high = (float(b) for b in interval[1:-1].split(","))
+        value = getattr(args, name)
+        for v in (value if isinstance(value, (tuple, list)) else () if value is None else (value,)):
+            above = v >= low if interval[0] == "[" else v > low
+            below = v <= high if interval[-1] == "]" else v < high
+            if not (above and below):
+                raise SystemExit(f"error: --{name.replace('_', '-')} {value} is outside its valid range {interval}")
+
+
+# SHARED END: validation
+
+
 # SHARED BEGIN: datasets
 # Short dataset names (D4RL style) -> Minari dataset ids. `mujoco/<env>/{medium,expert}-v0` also exist on Minari's
 # remote store; `random`, `medium-replay` and `medium-expert` exist only when built by collect_datasets.py.
@@ -889,22 +906,8 @@ RANGES = dict(horizon="[2, inf)", sample_horizon="[2, inf)", window_stride="[1, 
               sigma_max="(0, inf)", rho="(0, inf)", S_churn="[0, inf)", S_tmin="[0, inf)", S_tmax="[0, inf)",
               S_noise="(0, inf)", guidance_coef="[0, inf)", guidance_cosine="(-inf, inf)", sample_batch_size="[1, inf)",
               total_steps="[1, inf)", batch_size="[1, inf)", synthetic_ratio="[0, 1]", num_synthetic="[1, inf)",
-              regenerate_every="[1, inf)", eval_every="[1, inf)", eval_episodes="[1, inf)", log_every="[1, inf)")
-
-
-def check_ranges(args, ranges: dict[str, str]):
-    """Stop with one line naming the first field outside its interval (e.g. `[1, inf)`, `(0, 1)`); NaN never passes;
-    None (a field still to be resolved from another) is skipped."""
-    for name, interval in ranges.items():
-        value, (low, high) = getattr(args, name), (float(b) for b in interval[1:-1].split(","))
-        if value is None:
-            continue
-        above = value >= low if interval[0] == "[" else value > low
-        below = value <= high if interval[-1] == "]" else value < high
-        if not (above and below):
-            raise SystemExit(f"error: --{name.replace('_', '-')} {value} is outside its valid range {interval}")
-    if min(args.diffuser_mults) < 1:
-        raise SystemExit(f"error: --diffuser-mults {args.diffuser_mults}: every multiplier must be >= 1")
+              regenerate_every="[1, inf)", eval_every="[1, inf)", eval_episodes="[1, inf)", log_every="[1, inf)",
+              diffuser_mults="[1, inf)")
 
 
 def make_run_dir(args: Args) -> str:

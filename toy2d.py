@@ -111,7 +111,7 @@ class Args:
     diffuser_channels: int = 32
     """U-Net width (features of the first level)"""
     diffuser_mults: tuple[int, ...] = (1, 2, 2)
-    """U-Net channel multiplier per level (the horizon must divide by 2**(levels-1))"""
+    """U-Net channel multiplier per level (one level per entry)"""
     diffuser_kernel_size: int = 3
     """temporal convolution kernel size"""
     diffuser_steps: int = 2000
@@ -190,6 +190,23 @@ class Args:
 
 QUICK = dict(num_episodes=200, diffuser_steps=600, sampler_steps=16, num_samples=64, wm_steps=300,
              guidance_sweep=(0.0, 1.0, 2.0, 4.0), guidance_coef=4.0, plot_trajectories=24)
+
+
+# SHARED BEGIN: validation
+def check_ranges(args, ranges: dict[str, str]):
+    """Stop with one line naming the first field outside its interval (e.g. `[1, inf)`, `(0, 1)`; every entry of a tuple
+    field); NaN never passes; None (a field still to be resolved from another) is skipped."""
+    for name, interval in ranges.items():
+        low, high = (float(b) for b in interval[1:-1].split(","))
+        value = getattr(args, name)
+        for v in (value if isinstance(value, (tuple, list)) else () if value is None else (value,)):
+            above = v >= low if interval[0] == "[" else v > low
+            below = v <= high if interval[-1] == "]" else v < high
+            if not (above and below):
+                raise SystemExit(f"error: --{name.replace('_', '-')} {value} is outside its valid range {interval}")
+
+
+# SHARED END: validation
 
 
 # SHARED BEGIN: datasets
@@ -983,6 +1000,22 @@ def metric_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+# valid range of every numeric field
+RANGES = dict(num_threads="[0, inf)", episode_steps="[2, inf)", step_size="(0, inf)", current="(-inf, inf)",
+              box="(0, inf)", start="(-inf, inf)", start_noise="[0, inf)", goal_a="(-inf, inf)", goal_b="(-inf, inf)",
+              policy_gain="(-inf, inf)", behaviour_noise="[0, inf)", behaviour_goal_std="[0, inf)", target_std="(0, inf)",
+              num_episodes="[2, inf)", horizon="[2, inf)", window_stride="[1, inf)", val_fraction="[0, 1)",
+              diffuser_channels="[1, inf)", diffuser_mults="[1, inf)", diffuser_kernel_size="[1, inf)",
+              diffuser_steps="[1, inf)", diffuser_epochs="[0, inf)", diffuser_batch_size="[1, inf)",
+              diffuser_lr="(0, inf)", diffuser_warmup="[0, 1]", diffuser_warmup_start="[0, 1]", ema_decay="[0, 1)",
+              ema_every="[1, inf)", sigma_data="(0, inf)", P_mean="(-inf, inf)", P_std="(0, inf)",
+              sampler_steps="[1, inf)", sigma_min="(0, inf)", sigma_max="(0, inf)", rho="(0, inf)", S_churn="[0, inf)",
+              S_tmin="[0, inf)", S_tmax="[0, inf)", S_noise="(0, inf)", guidance_coef="[0, inf)",
+              guidance_sweep="[0, inf)", guidance_cosine="(-inf, inf)", num_samples="[1, inf)", wm_ensemble="[1, inf)",
+              wm_hidden="[1, inf)", wm_steps="[1, inf)", wm_lr="(0, inf)", wm_rollout_length="[1, inf)",
+              plot_trajectories="[1, inf)")
+
+
 def main(args: Args) -> dict:
     start_time = time.time()
     if args.quick:
@@ -990,11 +1023,11 @@ def main(args: Args) -> dict:
         for k, v in QUICK.items():
             if getattr(args, k) == getattr(defaults, k):
                 setattr(args, k, v)
-    if not 2 <= args.horizon <= args.episode_steps or args.horizon % 2 ** (len(args.diffuser_mults) - 1):
-        raise SystemExit(f"error: --horizon {args.horizon} must be in [2, --episode-steps] and divide by "
-                         f"2**(levels-1) = {2 ** (len(args.diffuser_mults) - 1)}")
-    if args.wm_rollout_length < 1 or args.num_samples < 1 or not args.guidance_sweep:
-        raise SystemExit("error: --wm-rollout-length and --num-samples must be >= 1 and --guidance-sweep non-empty")
+    check_ranges(args, RANGES)
+    if args.horizon > args.episode_steps:
+        raise SystemExit(f"error: --horizon {args.horizon} must be at most --episode-steps {args.episode_steps}")
+    if not args.guidance_sweep:
+        raise SystemExit("error: --guidance-sweep must not be empty")
     run_dir = os.path.join(args.runs_root, f"toy2d__{args.exp_name}__{args.seed}__{int(time.time())}")
     try:
         os.makedirs(run_dir, exist_ok=False)

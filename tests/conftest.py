@@ -53,3 +53,31 @@ def module_minari_store(tmp_path_factory):
         os.environ.pop("MINARI_DATASETS_PATH")
     else:
         os.environ["MINARI_DATASETS_PATH"] = old
+
+
+def interval_bounds(interval: str):
+    """'[1, inf)' -> (1.0, inf, low closed, high closed)."""
+    low, high = (float(b) for b in interval[1:-1].split(","))
+    return low, high, interval[0] == "[", interval[-1] == "]"
+
+
+def invalid_value(draw, st, defaults, ranges: dict):
+    """(field, value) drawn with hypothesis (`draw`, strategies `st`): a value of the field's type (int, float, or a
+    tuple of them) outside the field's valid interval, or NaN for a float field."""
+    import math
+    name = draw(st.sampled_from(sorted(ranges)))
+    low, high, low_closed, high_closed = interval_bounds(ranges[name])
+    default = getattr(defaults, name)
+    sample = default[0] if isinstance(default, (tuple, list)) and default else default
+    is_int = isinstance(sample, int) and not isinstance(sample, bool)
+    sides = [side for side, b in (("low", low), ("high", high)) if math.isfinite(b)]
+    if not sides or not is_int and draw(st.booleans()):
+        value = float("nan")
+    else:
+        side = draw(st.sampled_from(sides))
+        closed = low_closed if side == "low" else high_closed
+        gap = draw(st.integers(1 if closed else 0, 10 ** 6))
+        value = low - gap if side == "low" else high + gap
+        if not is_int:
+            value = float(value) - (draw(st.floats(0, 0.999)) if gap else 0.0) * (1 if side == "low" else -1)
+    return name, (value,) if isinstance(default, (tuple, list)) else value

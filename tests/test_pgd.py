@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import pgd_iql  # noqa: E402
 import pgd_td3bc  # noqa: E402
-from conftest import write_tiny_dataset  # noqa: E402
+from conftest import invalid_value, write_tiny_dataset  # noqa: E402
 
 SCRIPTS = [pgd_iql, pgd_td3bc]
 OBS, ACT = 3, 2
@@ -354,34 +354,11 @@ def test_iql_official_settings_constant_lr_no_reward_scale():
 
 
 # ---------------------------------------------------------------- argument validation (hypothesis)
-def interval_bounds(interval):
-    low, high = (float(b) for b in interval[1:-1].split(","))
-    return low, high, interval[0] == "[", interval[-1] == "]"
-
-
-@st.composite
-def invalid_value(draw, module):
-    """(field, value): a value of the field's type outside its valid interval, or NaN for a float field."""
-    ranges = {**module.RANGES, **module.AGENT_RANGES}
-    name = draw(st.sampled_from(sorted(ranges)))
-    low, high, low_closed, high_closed = interval_bounds(ranges[name])
-    is_int = isinstance(getattr(module.Args(), name), int)
-    sides = [s for s, b in (("low", low), ("high", high)) if math.isfinite(b)]
-    if not is_int and draw(st.booleans()) or not sides:
-        return name, float("nan")
-    side = draw(st.sampled_from(sides))
-    gap = draw(st.integers(0 if side == "low" and not low_closed or side == "high" and not high_closed else 1, 10 ** 6))
-    value = low - gap if side == "low" else high + gap
-    if not is_int:
-        value = float(value) - (draw(st.floats(0, 1)) if gap else 0.0) * (1 if side == "low" else -1)
-    return name, int(value) if is_int else value
-
-
 @pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_every_invalid_numeric_field_gives_one_line(module, data):
-    name, value = data.draw(invalid_value(module))
+    name, value = invalid_value(data.draw, st, module.Args(), {**module.RANGES, **module.AGENT_RANGES})
     with pytest.raises(SystemExit) as e:
         module.check_ranges(dataclasses.replace(module.Args(), **{name: value}), {**module.RANGES, **module.AGENT_RANGES})
     message = str(e.value.code)
@@ -492,7 +469,7 @@ def test_shared_blocks_have_not_drifted():
     import sync_shared
     assert sync_shared.drift() == []
     names = set(sync_shared.blocks(open(os.path.join(ROOT, "pgd_iql.py")).read()))
-    assert {"imports", "args", "config", "datasets", "diffuser", "sampler", "evaluation", "main"} <= names
+    assert {"imports", "args", "config", "validation", "datasets", "diffuser", "sampler", "evaluation", "main"} <= names
     assert names == set(sync_shared.blocks(open(os.path.join(ROOT, "pgd_td3bc.py")).read()))
 
 
