@@ -81,3 +81,13 @@ def invalid_value(draw, st, defaults, ranges: dict):
         if not is_int:
             value = float(value) - (draw(st.floats(0, 0.999)) if gap else 0.0) * (1 if side == "low" else -1)
     return name, (value,) if isinstance(default, (tuple, list)) else value
+
+
+def assert_invalid_value_gives_one_line(module, ranges: dict, draw, st):
+    """A drawn invalid value of one field of `module.Args` makes `module.check_ranges` stop with one line naming it."""
+    import dataclasses
+    name, value = invalid_value(draw, st, module.Args(), ranges)
+    with pytest.raises(SystemExit) as e:
+        module.check_ranges(dataclasses.replace(module.Args(), **{name: value}), ranges)
+    message = str(e.value.code)
+    assert message.startswith(f"error: --{name.replace('_', '-')} ") and "\n" not in message

@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 import pets_baseline as pb  # noqa: E402
 import pgd_iql  # noqa: E402
 import pgd_td3bc  # noqa: E402
-from conftest import invalid_value, write_tiny_dataset  # noqa: E402
+from conftest import assert_invalid_value_gives_one_line, write_tiny_dataset  # noqa: E402
 
 NO_WRITER = types.SimpleNamespace(add_scalar=lambda *a, **k: None)
 torch.set_num_threads(1)  # small nets: extra threads only add contention on a shared CPU
@@ -293,9 +293,5 @@ def test_bad_inputs_give_clear_errors(store, tmp_path):
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_every_invalid_numeric_field_gives_one_line(data):
-    name, value = invalid_value(data.draw, st, pb.Args(), pb.RANGES)
-    with pytest.raises(SystemExit) as e:
-        pb.check_ranges(dataclasses.replace(pb.Args(), **{name: value}), pb.RANGES)
-    message = str(e.value.code)
-    assert message.startswith(f"error: --{name.replace('_', '-')} ") and "\n" not in message
+    assert_invalid_value_gives_one_line(pb, pb.RANGES, data.draw, st)
     pb.check_ranges(pb.Args(), pb.RANGES)  # the defaults are valid

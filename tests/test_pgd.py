@@ -5,7 +5,6 @@ import math
 import os
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import pgd_iql  # noqa: E402
 import pgd_td3bc  # noqa: E402
-from conftest import invalid_value, write_tiny_dataset  # noqa: E402
+from conftest import assert_invalid_value_gives_one_line, write_tiny_dataset  # noqa: E402
 
 SCRIPTS = [pgd_iql, pgd_td3bc]
 OBS, ACT = 3, 2
@@ -358,11 +357,7 @@ def test_iql_official_settings_constant_lr_no_reward_scale():
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_every_invalid_numeric_field_gives_one_line(module, data):
-    name, value = invalid_value(data.draw, st, module.Args(), {**module.RANGES, **module.AGENT_RANGES})
-    with pytest.raises(SystemExit) as e:
-        module.check_ranges(dataclasses.replace(module.Args(), **{name: value}), {**module.RANGES, **module.AGENT_RANGES})
-    message = str(e.value.code)
-    assert message.startswith(f"error: --{name.replace('_', '-')} ") and "\n" not in message
+    assert_invalid_value_gives_one_line(module, {**module.RANGES, **module.AGENT_RANGES}, data.draw, st)
 
 
 @pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)

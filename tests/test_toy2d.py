@@ -1,6 +1,5 @@
 """Tests of toy2d.py (imported as a module): the toy environment, policies, metrics and world model, and one `--quick`
 run of the whole experiment (diffuser, guided sampler sweep, figures, metrics.json)."""
-import dataclasses
 import json
 import os
 import sys
@@ -13,7 +12,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import toy2d  # noqa: E402
-from conftest import invalid_value  # noqa: E402
+from conftest import assert_invalid_value_gives_one_line  # noqa: E402
 
 
 def small_args(**kw):
@@ -201,9 +200,5 @@ def test_figures_and_metrics_are_written(quick_run):
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_every_invalid_numeric_field_gives_one_line(data):
-    name, value = invalid_value(data.draw, st, toy2d.Args(), toy2d.RANGES)
-    with pytest.raises(SystemExit) as e:
-        toy2d.check_ranges(dataclasses.replace(toy2d.Args(), **{name: value}), toy2d.RANGES)
-    message = str(e.value.code)
-    assert message.startswith(f"error: --{name.replace('_', '-')} ") and "\n" not in message
+    assert_invalid_value_gives_one_line(toy2d, toy2d.RANGES, data.draw, st)
     toy2d.check_ranges(toy2d.Args(), toy2d.RANGES)  # the defaults are valid
