@@ -936,13 +936,11 @@ def main(args: Args):
     run_start = time.time()
     if args.paper_scale and args.preset != "paper":
         raise SystemExit("error: --paper-scale is deprecated; use --preset paper (as a module: preset_args('paper'))")
-    args = dataclasses.replace(args, sample_horizon=args.sample_horizon or args.horizon)
+    args = dataclasses.replace(args, sample_horizon=args.horizon if args.sample_horizon is None else args.sample_horizon)
     check_ranges(args, {**RANGES, **AGENT_RANGES})
     if args.print_config:
         print(json.dumps(dataclasses.asdict(args)))
         return None
-    if not 0 <= args.synthetic_ratio <= 1:
-        raise SystemExit(f"error: --synthetic-ratio must be in [0, 1], got {args.synthetic_ratio}")
     dataset = load_dataset(args.env_id)
     dataset_id = dataset.spec.dataset_id
     run_dir = make_run_dir(args)

@@ -344,7 +344,8 @@ def test_iql_official_settings_constant_lr_no_reward_scale():
     stats = dict(obs_mean=torch.zeros(OBS), obs_std=torch.ones(OBS), return_min=0.0, return_max=10.0)
     cpu = pgd_iql.make_agent(pgd_iql.Args(hidden_dim=8, total_steps=10), ACT, stats)
     paper = pgd_iql.make_agent(pgd_iql.Args(hidden_dim=8, total_steps=10, **pgd_iql.AGENT_PAPER), ACT, stats)
-    fit_actions(cpu, steps=5), fit_actions(paper, steps=5)
+    fit_actions(cpu, steps=5)
+    fit_actions(paper, steps=5)
     assert cpu.actor_optimizer.param_groups[0]["lr"] < 3e-4 and paper.actor_optimizer.param_groups[0]["lr"] == 3e-4
     assert cpu.reward_scale == 100.0 and paper.reward_scale == 1.0
     with torch.no_grad():
