@@ -58,7 +58,8 @@ import tyro
 @dataclass
 class Args:
     env_id: str = "hopper-medium-replay"
-    """short dataset name (a key of DATASETS), e.g. `halfcheetah-medium`, `maze2d-umaze`"""
+    """dataset name (a key of DATASETS): built here (`halfcheetah-medium`, `maze2d-umaze`) or imported from D4RL's
+    own file (`hopper-medium-replay-v2`, `maze2d-umaze-v1`)"""
     num_steps: Optional[int] = None
     """transitions in rollout datasets (random, medium, expert, maze2d); default 1M. medium-replay is the replay buffer"""
     overwrite: bool = False
@@ -105,31 +106,63 @@ class Args:
     """length of the (continuing, multi-goal) maze2d episodes"""
     torch_threads: int = 1
     """torch CPU threads"""
+    d4rl_file: Optional[str] = None
+    """D4RL names (`hopper-medium-replay-v2`): the hdf5 file to import (default: D4RL's file name in
+    $D4RL_DATASET_DIR, else ~/.d4rl/datasets/, where the `d4rl` package keeps its downloads)"""
+    download: bool = False
+    """D4RL names: fetch the hdf5 file from `--d4rl-base-url` into $D4RL_DATASET_DIR or ~/.d4rl/datasets/ when it is
+    not there (resumable: a `.part` file is continued)"""
+    d4rl_base_url: str = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
+    """where D4RL publishes its files (`<base>/gym_mujoco_v2/hopper_medium_replay-v2.hdf5`); point it at a mirror"""
 
 
-# Short dataset names (D4RL style) -> Minari dataset ids. `mujoco/<env>/{medium,expert}-v0` also exist on Minari's
-# remote store; `random`, `medium-replay` and `medium-expert` exist only when built by collect_datasets.py.
+# SHARED BEGIN: dataset_ids
+# Dataset names -> Minari dataset ids. Three sources, never shadowing each other:
+#  - built here by collect_datasets.py (SAC behaviour policies, waypoint maze controller): `hopper-medium-replay`,
+#    `maze2d-umaze`, ...; `mujoco/<env>/{medium,expert}-v0` and `D4RL/pointmaze/*` also exist on Minari's remote store;
+#  - D4RL's own files, imported by `collect_datasets.py --env-id hopper-medium-replay-v2` (from ~/.d4rl/datasets,
+#    --d4rl-file or --download): D4RL's names, under a `D4RL/<env>/` namespace of their own.
+D4RL_DATASETS = {
+    **{f"{env}-{level}-v2": f"D4RL/{env}/{level}-v2" for env in ("halfcheetah", "hopper", "walker2d")
+       for level in ("random", "medium", "medium-replay", "medium-expert", "expert")},
+    **{f"maze2d-{maze}-v1": f"D4RL/maze2d/{maze}-v1" for maze in ("umaze", "medium", "large")},
+}
 DATASETS = {
     **{f"{env}-{level}": f"mujoco/{env}/{level}-v0" for env in ("halfcheetah", "hopper", "walker2d")
        for level in ("random", "medium", "medium-replay", "expert", "medium-expert")},
     **{f"maze2d-{maze}": f"D4RL/pointmaze/{maze}-v2" for maze in ("umaze", "medium", "large")},
+    **D4RL_DATASETS,
 }
 
 
 def load_dataset(env_id: str):
-    """The Minari dataset behind a short name (`hopper-medium-replay`) or a full Minari id: local store first,
-    then Minari's remote store; a clear error naming the collector command when neither has it."""
+    """The Minari dataset behind a name (`hopper-medium-replay`, `hopper-medium-replay-v2`) or a full Minari id:
+    local store first, then Minari's remote store (not for D4RL imports); one line naming the command that makes it."""
     import minari
     if env_id not in DATASETS and "/" not in env_id:
         raise SystemExit(f"error: unknown --env-id {env_id!r}; use one of {', '.join(DATASETS)} or a Minari id")
     dataset_id = DATASETS.get(env_id, env_id)
     if dataset_id in minari.list_local_datasets():
         return minari.load_dataset(dataset_id)
+    name = {v: k for k, v in DATASETS.items()}.get(dataset_id, env_id)
+    if dataset_id in D4RL_DATASETS.values():
+        raise SystemExit(f"error: D4RL dataset {name!r} is not imported yet; import it with: python collect_datasets.py "
+                         f"--env-id {name} (reads D4RL's hdf5 file from $D4RL_DATASET_DIR or ~/.d4rl/datasets; "
+                         f"or add --d4rl-file PATH, or --download)")
     try:
         return minari.load_dataset(dataset_id, download=True)
+    except ImportError as e:  # minari's remote store needs huggingface_hub (the `minari[hf]` extra)
+        raise SystemExit(f"error: Minari dataset {dataset_id!r} is not in the local store, and downloading it needs a "
+                         f"missing package ({e}); pip install -r requirements.txt, or build it here with: "
+                         f"python collect_datasets.py --env-id {name}") from None
     except Exception as e:  # network down, or Minari has no such remote dataset
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
         raise SystemExit(f"error: Minari dataset {dataset_id!r} is not in the local store and could not be downloaded "
-                         f"({type(e).__name__}); build it here with: python collect_datasets.py --env-id {env_id}") from None
+                         f"({type(e).__name__}: {reason}); build it here with: python collect_datasets.py "
+                         f"--env-id {name}") from None
+
+
+# SHARED END: dataset_ids
 
 
 # Per-env SAC set-up. Medium targets follow D4RL's "about 1/3 of expert" rule; ref scores are D4RL's.
@@ -461,6 +494,15 @@ def episodes_of(dataset):
 
 
 # -------------------------------------------------------------------------------------------------------- maze2d
+def register_mazes():
+    """gymnasium-robotics' PointMaze envs, without the notice about its Adroit envs that its import prints."""
+    import contextlib
+    import io
+    with contextlib.redirect_stderr(io.StringIO()):
+        import gymnasium_robotics
+    gym.register_envs(gymnasium_robotics)
+
+
 class WaypointController:
     """BFS over the free cells of the maze towards the goal cell; PD control towards the next cell centre."""
 
@@ -498,9 +540,8 @@ class WaypointController:
 
 
 def maze_rollouts(args: Args, maze: str, num_steps: int):
-    import gymnasium_robotics
     from minari.data_collector import EpisodeBuffer
-    gym.register_envs(gymnasium_robotics)
+    register_mazes()
     cfg = MAZES[maze]
     env = gym.make(cfg["gym_id"], continuing_task=True, reset_target=False, max_episode_steps=args.maze_episode_len)
     controller = WaypointController(env.unwrapped.maze)
@@ -532,6 +573,255 @@ def maze_rollouts(args: Args, maze: str, num_steps: int):
                                       infos={"success": np.asarray(succ, bool)}))
     log(f"maze2d-{maze}: {total} steps, {len(episodes)} episodes, {goals} goals reached, {time.time() - t0:.0f} s")
     return env, episodes, goals
+
+
+# --------------------------------------------------------------------------------------------------- D4RL import
+# D4RL's maze2d files: goal cell (row, col) of each maze (the `G` of D4RL's maze strings; D4RL's layouts are
+# gymnasium-robotics' U_MAZE/MEDIUM_MAZE/LARGE_MAZE cell for cell).
+D4RL_MAZE_GOAL = {"umaze": (1, 1), "medium": (6, 6), "large": (7, 9)}
+D4RL_PARTICLE_OFFSET = 0.2  # D4RL's particle body sits at (1.2, 1.2), its walls at (row + 1, col + 1)
+
+
+def d4rl_source(name: str) -> dict:
+    """D4RL's file name and its path under D4RL's base URL for a D4RL dataset name."""
+    if name.startswith("maze2d-"):
+        file = f"{name[:-len('-v1')]}-sparse-v1.hdf5"  # maze2d-umaze-v1 -> maze2d-umaze-sparse-v1.hdf5
+        return dict(file=file, path=f"maze2d/{file}")
+    env_name, level = name[:-len("-v2")].split("-", 1)
+    file = f"{env_name}_{level.replace('-', '_')}-v2.hdf5"  # hopper-medium-replay-v2 -> hopper_medium_replay-v2.hdf5
+    return dict(file=file, path=f"gym_mujoco_v2/{file}")
+
+
+def d4rl_dirs() -> list[str]:
+    """Where D4RL's files are looked for, in order: $D4RL_DATASET_DIR (the `d4rl` package's own setting), then
+    ~/.d4rl/datasets. Downloads go to the first."""
+    dirs = [os.environ.get("D4RL_DATASET_DIR", ""), os.path.expanduser("~/.d4rl/datasets")]
+    return list(dict.fromkeys(d for d in dirs if d))
+
+
+def read_d4rl_file(path: str, obs_dim: int, act_dim: int, maze: bool) -> dict:
+    """The arrays of a D4RL hdf5 file, checked (keys, shapes, lengths, finite values); one line when it is not one."""
+    import h5py
+    need = ["observations", "actions", "rewards", "terminals"] + (["infos/goal"] if maze else [])
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in need if k not in f]
+            if missing:
+                raise SystemExit(f"error: {path} is not a D4RL dataset file for this name (no {', '.join(missing)}); "
+                                 f"check the file or download it again")
+            data = {k: np.asarray(f[k][()]) for k in need + ["timeouts", "next_observations"] if k in f}
+    except (OSError, KeyError, ValueError) as e:
+        raise SystemExit(f"error: cannot read {path} as a D4RL hdf5 file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); delete it and get it again") from None
+    n = len(data["observations"])
+    shapes = dict(observations=(n, obs_dim), actions=(n, act_dim), next_observations=(n, obs_dim),
+                  **{"infos/goal": (n, 2)})
+    for k in ("rewards", "terminals", "timeouts"):
+        if k in data:
+            data[k] = data[k].reshape(len(data[k]), -1)[:, 0] if data[k].ndim == 2 and data[k].shape[1] == 1 else data[k]
+            shapes[k] = (n,)
+    for k, shape in shapes.items():
+        if k in data and data[k].shape != shape:
+            raise SystemExit(f"error: {path}: {k} has shape {data[k].shape}, expected {shape}; is it the file of "
+                             f"this dataset?")
+    if n == 0:
+        raise SystemExit(f"error: {path} holds no transitions; get the file again")
+    for k, v in data.items():
+        if v.dtype.kind == "f" and not np.isfinite(v).all():
+            raise SystemExit(f"error: {path}: {k} has NaN/inf values; get the file again")
+    data["terminals"] = data["terminals"].astype(bool)
+    data["timeouts"] = data.get("timeouts", np.zeros(n, bool)).astype(bool)
+    return data
+
+
+def d4rl_segments(terminals: np.ndarray, timeouts: np.ndarray) -> list[tuple[int, int, str]]:
+    """(first row, last row, how it ends) of each episode, split as D4RL users do: on `terminals` or `timeouts`; rows
+    after the last flag form a trailing partial episode ("partial")."""
+    ends = list(np.flatnonzero(terminals | timeouts))
+    if not ends or ends[-1] != len(terminals) - 1:
+        ends.append(len(terminals) - 1)
+    segments, start = [], 0
+    for end in ends:
+        segments.append((start, int(end), "terminal" if terminals[end] else "timeout" if timeouts[end] else "partial"))
+        start = int(end) + 1
+    return segments
+
+
+def d4rl_maze_to_gym(maze: str, xy: np.ndarray, velocity: bool = False) -> np.ndarray:
+    """D4RL maze2d coordinates (x along the maze rows, y along the columns, offset by the particle's body position)
+    -> gymnasium-robotics PointMaze coordinates (x along the columns, y up the rows, origin at the maze centre).
+    A rotation plus a shift, so distances (rewards, goal checks) and the point-mass dynamics are unchanged; for
+    velocities and forces (`velocity=True`) only the rotation applies."""
+    if velocity:
+        return np.stack([xy[..., 1], -xy[..., 0]], -1)
+    from gymnasium_robotics.envs.maze import maps
+    grid = {"umaze": maps.U_MAZE, "medium": maps.MEDIUM_MAZE, "large": maps.LARGE_MAZE}[maze]
+    rows, cols = len(grid), len(grid[0])
+    row, col = xy[..., 0] + D4RL_PARTICLE_OFFSET, xy[..., 1] + D4RL_PARTICLE_OFFSET
+    return np.stack([col + 0.5 - cols / 2, rows / 2 - row - 0.5], -1)
+
+
+def d4rl_maze_map(maze: str) -> list:
+    """gymnasium-robotics' map of the maze with D4RL's goal cell marked, so the eval env's goal is D4RL's."""
+    from gymnasium_robotics.envs.maze import maps
+    grid = [list(r) for r in {"umaze": maps.U_MAZE, "medium": maps.MEDIUM_MAZE, "large": maps.LARGE_MAZE}[maze]]
+    i, j = D4RL_MAZE_GOAL[maze]
+    grid[i][j] = maps.GOAL
+    return grid
+
+
+def d4rl_episodes(data: dict, maze: Optional[str] = None):
+    """EpisodeBuffers of a D4RL file's arrays, and what the split did. `next_observations`, when the file has them,
+    give each episode's last successor; otherwise the next row does, and an episode cut by a timeout (or the end of
+    the file) loses its last transition, whose successor is unknown (as in `d4rl.qlearning_dataset`). Maze2d rows
+    become PointMaze's dict observations (achieved_goal, desired_goal = `infos/goal`, observation), in PointMaze's
+    frame."""
+    from minari.data_collector import EpisodeBuffer
+    obs, nxt, n = data["observations"], data.get("next_observations"), len(data["observations"])
+    actions = data["actions"].astype(np.float32)
+    if maze is not None:
+        goal = d4rl_maze_to_gym(maze, data["infos/goal"].astype(np.float64))
+        actions = d4rl_maze_to_gym(maze, actions, velocity=True).astype(np.float32)
+
+    def rows_to_obs(raw: np.ndarray, goals: np.ndarray):
+        if maze is None:
+            return raw.astype(np.float32)
+        pos = d4rl_maze_to_gym(maze, raw[:, :2].astype(np.float64))
+        vel = d4rl_maze_to_gym(maze, raw[:, 2:4].astype(np.float64), velocity=True)
+        return {"achieved_goal": pos, "desired_goal": goals, "observation": np.concatenate([pos, vel], 1)}
+
+    episodes, dropped, mismatched = [], 0, 0
+    for start, end, how in d4rl_segments(data["terminals"], data["timeouts"]):
+        last = end  # last transition kept
+        if nxt is not None:
+            successor = nxt[end]
+            mismatched += int((~np.isclose(nxt[start:end], obs[start + 1:end + 1], atol=1e-5)).any(-1).sum())
+        elif how == "terminal":  # the successor of a terminal transition is never used; D4RL takes the next row
+            successor = obs[min(end + 1, n - 1)]
+        else:
+            last, successor = end - 1, obs[end]
+            if last < start:
+                dropped += 1
+                continue
+        raw = np.concatenate([obs[start:last + 1], successor[None]])
+        goals = None if maze is None else np.concatenate([goal[start:last + 1], goal[min(last + 1, n - 1)][None]])
+        T = last - start + 1
+        terminations, truncations = np.zeros(T, bool), np.zeros(T, bool)
+        terminations[-1], truncations[-1] = how == "terminal", how != "terminal"
+        episodes.append(EpisodeBuffer(id=len(episodes), observations=rows_to_obs(raw, goals),
+                                      actions=actions[start:last + 1], rewards=data["rewards"][start:last + 1]
+                                      .astype(np.float64), terminations=terminations, truncations=truncations))
+    kinds = [how for _, _, how in d4rl_segments(data["terminals"], data["timeouts"])]
+    info = dict(rows=n, episodes=len(episodes), terminal_episodes=kinds.count("terminal"),
+                timeout_episodes=kinds.count("timeout"), trailing_partial_episode=kinds[-1] == "partial",
+                dropped_one_row_episodes=dropped, next_observations_in_file=nxt is not None,
+                next_observation_mismatches=mismatched)
+    return episodes, info
+
+
+def download_d4rl(url: str, dest: str) -> str:
+    """Fetch `url` to `dest` through `dest.part` (continued with an HTTP Range request when a previous try left one),
+    with a progress bar; the file is renamed into place only when complete and readable as hdf5."""
+    import urllib.error
+    import urllib.request
+    from tqdm import tqdm
+    part = dest + ".part"
+    try:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            response = urllib.request.urlopen(request, timeout=60)
+        except urllib.error.HTTPError as e:
+            if e.code != 416 or not have:  # 416: the range starts at the end: the .part file is already complete
+                raise
+            response = None
+        total = None
+        if response is not None:
+            with response:
+                if have and response.getcode() != 206:  # the server (or a file:// URL) ignored the range: start over
+                    have = 0
+                size = response.headers.get("Content-Length")
+                total = int(size) + have if size is not None else None
+                log(f"downloading {url} -> {dest}")
+                with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B",
+                                                                  unit_scale=True, desc=os.path.basename(dest)) as bar:
+                    while chunk := response.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+    except urllib.error.HTTPError as e:
+        raise SystemExit(f"error: downloading {url} failed (HTTP {e.code} {e.reason}); check --d4rl-base-url, or get "
+                         f"the file by hand and pass --d4rl-file PATH") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = str(getattr(e, "reason", None) or e).splitlines() or [""]
+        raise SystemExit(f"error: downloading {url} failed ({type(e).__name__}: {reason[0]}); run the same command "
+                         f"again to continue, or get the file by hand and pass --d4rl-file PATH") from None
+    if total is not None and os.path.getsize(part) != total:
+        raise SystemExit(f"error: the download of {url} stopped at {os.path.getsize(part)} of {total} bytes; run the "
+                         f"same command again to continue ({part} is kept)")
+    import h5py
+    try:
+        with h5py.File(part, "r") as f:
+            if "observations" not in f:
+                raise OSError("no `observations` dataset")
+    except OSError as e:
+        os.remove(part)
+        raise SystemExit(f"error: what {url} sent is not a D4RL hdf5 file ({e}); it was deleted; check "
+                         f"--d4rl-base-url") from None
+    os.replace(part, dest)
+    return dest
+
+
+def find_d4rl_file(args: Args, name: str) -> str:
+    """--d4rl-file, else D4RL's file name in $D4RL_DATASET_DIR or ~/.d4rl/datasets, else --download; otherwise one
+    line naming the file and the three ways to provide it."""
+    source = d4rl_source(name)
+    if args.d4rl_file is not None:
+        if not os.path.isfile(args.d4rl_file):
+            raise SystemExit(f"error: --d4rl-file {args.d4rl_file} does not exist")
+        return args.d4rl_file
+    looked = [os.path.join(d, source["file"]) for d in d4rl_dirs()]
+    for path in looked:
+        if os.path.isfile(path):
+            return path
+    url = f"{args.d4rl_base_url.rstrip('/')}/{source['path']}"
+    if args.download:
+        return download_d4rl(url, looked[0])
+    raise SystemExit(f"error: D4RL file {source['file']} not found (looked for {' and '.join(looked)}); put it there, "
+                     f"or pass --d4rl-file PATH, or add --download to fetch it from {url}")
+
+
+def import_d4rl(args: Args, name: str) -> dict:
+    """Write D4RL's file for `name` as the Minari dataset D4RL_DATASETS[name] (atomic; --overwrite to replace)."""
+    register_mazes()
+    dataset_id = D4RL_DATASETS[name]
+    check_absent(dataset_id, args.overwrite)
+    path = find_d4rl_file(args, name)
+    register_mazes()
+    if name.startswith("maze2d-"):
+        maze = name[len("maze2d-"):-len("-v1")]
+        cfg = MAZES[maze]
+        kw = dict(maze_map=d4rl_maze_map(maze), continuing_task=True, reset_target=False)
+        env = gym.make(cfg["gym_id"], **kw)
+        eval_env = gym.make(cfg["gym_id"], max_episode_steps=cfg["eval_steps"], **kw)
+        obs_dim, act_dim = 4, 2
+    else:
+        maze, cfg = None, SAC_ENVS[name.split("-", 1)[0]]
+        env = eval_env = gym.make(cfg["gym_id"])
+        obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    log(f"{name}: reading {path}")
+    data = read_d4rl_file(path, obs_dim, act_dim, maze is not None)
+    episodes, info = d4rl_episodes(data, maze)
+    if not episodes:
+        raise SystemExit(f"error: {path} has no episode of two or more rows; get the file again")
+    if info["next_observation_mismatches"]:
+        log(f"{name}: warning: {info['next_observation_mismatches']} next_observations differ from the next row "
+            f"within an episode; the rows are kept as the observations")
+    log(f"{name}: {info}")
+    description = dict(source="D4RL", d4rl_name=name, file=os.path.abspath(path), bytes=os.path.getsize(path),
+                       gym_id=cfg["gym_id"], split=info)
+    return write_dataset(dataset_id, episodes, env.spec, eval_env.spec, cfg["ref_min_score"], cfg["ref_max_score"],
+                         f"D4RL {name}", description, args.overwrite)
 
 
 # ------------------------------------------------------------------------------------------------------ writing
@@ -644,8 +934,7 @@ def build_mujoco(args: Args, env_name: str, level: str, overwrite: bool) -> dict
 
 
 def build_maze(args: Args, maze: str) -> dict:
-    import gymnasium_robotics
-    gym.register_envs(gymnasium_robotics)
+    register_mazes()
     cfg, dataset_id = MAZES[maze], DATASETS[f"maze2d-{maze}"]
     check_absent(dataset_id, args.overwrite)
     env, episodes, goals = maze_rollouts(args, maze, args.num_steps or DEFAULT_NUM_STEPS)
@@ -662,15 +951,22 @@ def main(args: Args):
     if args.info:
         dataset = load_dataset(args.env_id)
         try:
-            policy = json.loads(dataset.storage.metadata.get("description", "{}")).get("policy", {})
+            description = json.loads(dataset.storage.metadata.get("description", "{}"))
         except ValueError:  # a dataset from Minari's remote store: free-text description
-            policy = {}
-        print(json.dumps({"dataset_id": dataset.spec.dataset_id, **dataset_stats(dataset),
+            description = {}
+        policy = description.get("policy", {})
+        source = description.get("source", "collect_datasets.py" if "collector" in description else "Minari")
+        print(json.dumps({"dataset_id": dataset.spec.dataset_id, "source": source, **dataset_stats(dataset),
                           **{f"policy_{k}": policy[k] for k in ("return", "step", "cut") if k in policy}}))
         return
     t0 = time.time()
     name, level = args.env_id.split("-", 1)
-    stats = build_maze(args, level) if name == "maze2d" else build_mujoco(args, name, level, args.overwrite)
+    if args.env_id in D4RL_DATASETS:
+        stats = import_d4rl(args, args.env_id)
+    elif name == "maze2d":
+        stats = build_maze(args, level)
+    else:
+        stats = build_mujoco(args, name, level, args.overwrite)
     log(f"{args.env_id}: done in {(time.time() - t0) / 60:.1f} min: {stats}")
 
 

@@ -171,32 +171,56 @@ def check_ranges(args, ranges: dict[str, str]):
 # SHARED END: validation
 
 
-# SHARED BEGIN: datasets
-# Short dataset names (D4RL style) -> Minari dataset ids. `mujoco/<env>/{medium,expert}-v0` also exist on Minari's
-# remote store; `random`, `medium-replay` and `medium-expert` exist only when built by collect_datasets.py.
+# SHARED BEGIN: dataset_ids
+# Dataset names -> Minari dataset ids. Three sources, never shadowing each other:
+#  - built here by collect_datasets.py (SAC behaviour policies, waypoint maze controller): `hopper-medium-replay`,
+#    `maze2d-umaze`, ...; `mujoco/<env>/{medium,expert}-v0` and `D4RL/pointmaze/*` also exist on Minari's remote store;
+#  - D4RL's own files, imported by `collect_datasets.py --env-id hopper-medium-replay-v2` (from ~/.d4rl/datasets,
+#    --d4rl-file or --download): D4RL's names, under a `D4RL/<env>/` namespace of their own.
+D4RL_DATASETS = {
+    **{f"{env}-{level}-v2": f"D4RL/{env}/{level}-v2" for env in ("halfcheetah", "hopper", "walker2d")
+       for level in ("random", "medium", "medium-replay", "medium-expert", "expert")},
+    **{f"maze2d-{maze}-v1": f"D4RL/maze2d/{maze}-v1" for maze in ("umaze", "medium", "large")},
+}
 DATASETS = {
     **{f"{env}-{level}": f"mujoco/{env}/{level}-v0" for env in ("halfcheetah", "hopper", "walker2d")
        for level in ("random", "medium", "medium-replay", "expert", "medium-expert")},
     **{f"maze2d-{maze}": f"D4RL/pointmaze/{maze}-v2" for maze in ("umaze", "medium", "large")},
+    **D4RL_DATASETS,
 }
 
 
 def load_dataset(env_id: str):
-    """The Minari dataset behind a short name (`hopper-medium-replay`) or a full Minari id: local store first,
-    then Minari's remote store; a clear error naming the collector command when neither has it."""
+    """The Minari dataset behind a name (`hopper-medium-replay`, `hopper-medium-replay-v2`) or a full Minari id:
+    local store first, then Minari's remote store (not for D4RL imports); one line naming the command that makes it."""
     import minari
     if env_id not in DATASETS and "/" not in env_id:
         raise SystemExit(f"error: unknown --env-id {env_id!r}; use one of {', '.join(DATASETS)} or a Minari id")
     dataset_id = DATASETS.get(env_id, env_id)
     if dataset_id in minari.list_local_datasets():
         return minari.load_dataset(dataset_id)
+    name = {v: k for k, v in DATASETS.items()}.get(dataset_id, env_id)
+    if dataset_id in D4RL_DATASETS.values():
+        raise SystemExit(f"error: D4RL dataset {name!r} is not imported yet; import it with: python collect_datasets.py "
+                         f"--env-id {name} (reads D4RL's hdf5 file from $D4RL_DATASET_DIR or ~/.d4rl/datasets; "
+                         f"or add --d4rl-file PATH, or --download)")
     try:
         return minari.load_dataset(dataset_id, download=True)
+    except ImportError as e:  # minari's remote store needs huggingface_hub (the `minari[hf]` extra)
+        raise SystemExit(f"error: Minari dataset {dataset_id!r} is not in the local store, and downloading it needs a "
+                         f"missing package ({e}); pip install -r requirements.txt, or build it here with: "
+                         f"python collect_datasets.py --env-id {name}") from None
     except Exception as e:  # network down, or Minari has no such remote dataset
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
         raise SystemExit(f"error: Minari dataset {dataset_id!r} is not in the local store and could not be downloaded "
-                         f"({type(e).__name__}); build it here with: python collect_datasets.py --env-id {env_id}") from None
+                         f"({type(e).__name__}: {reason}); build it here with: python collect_datasets.py "
+                         f"--env-id {name}") from None
 
 
+# SHARED END: dataset_ids
+
+
+# SHARED BEGIN: datasets
 def flatten_obs(obs, space: gym.Space) -> np.ndarray:
     """Dict observations (PointMaze) -> one flat array, keys in the space's order; Box observations as they are."""
     if isinstance(space, gym.spaces.Dict):

@@ -210,31 +210,6 @@ def check_ranges(args, ranges: dict[str, str]):
 
 
 # SHARED BEGIN: datasets
-# Short dataset names (D4RL style) -> Minari dataset ids. `mujoco/<env>/{medium,expert}-v0` also exist on Minari's
-# remote store; `random`, `medium-replay` and `medium-expert` exist only when built by collect_datasets.py.
-DATASETS = {
-    **{f"{env}-{level}": f"mujoco/{env}/{level}-v0" for env in ("halfcheetah", "hopper", "walker2d")
-       for level in ("random", "medium", "medium-replay", "expert", "medium-expert")},
-    **{f"maze2d-{maze}": f"D4RL/pointmaze/{maze}-v2" for maze in ("umaze", "medium", "large")},
-}
-
-
-def load_dataset(env_id: str):
-    """The Minari dataset behind a short name (`hopper-medium-replay`) or a full Minari id: local store first,
-    then Minari's remote store; a clear error naming the collector command when neither has it."""
-    import minari
-    if env_id not in DATASETS and "/" not in env_id:
-        raise SystemExit(f"error: unknown --env-id {env_id!r}; use one of {', '.join(DATASETS)} or a Minari id")
-    dataset_id = DATASETS.get(env_id, env_id)
-    if dataset_id in minari.list_local_datasets():
-        return minari.load_dataset(dataset_id)
-    try:
-        return minari.load_dataset(dataset_id, download=True)
-    except Exception as e:  # network down, or Minari has no such remote dataset
-        raise SystemExit(f"error: Minari dataset {dataset_id!r} is not in the local store and could not be downloaded "
-                         f"({type(e).__name__}); build it here with: python collect_datasets.py --env-id {env_id}") from None
-
-
 def flatten_obs(obs, space: gym.Space) -> np.ndarray:
     """Dict observations (PointMaze) -> one flat array, keys in the space's order; Box observations as they are."""
     if isinstance(space, gym.spaces.Dict):
