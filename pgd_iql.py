@@ -592,7 +592,8 @@ def train_diffuser(config: dict, windows: np.ndarray, val_windows: np.ndarray, w
     denoiser = build_denoiser(config, data.shape[-1]).to(device)
     ema = build_denoiser(config, data.shape[-1]).to(device).requires_grad_(False)
     ema.load_state_dict(denoiser.state_dict())
-    optimizer = torch.optim.Adam(denoiser.parameters(), lr=config["diffuser_lr"])
+    optimizer = torch.optim.Adam(denoiser.parameters(), lr=config["diffuser_lr"], fused=device.type in ("cpu", "cuda"))
+    ema_params, params = list(ema.parameters()), list(denoiser.parameters())
     batch_size, P_mean, P_std = config["diffuser_batch_size"], config["P_mean"], config["P_std"]
     total = config["diffuser_epochs"] * max(1, len(data) // batch_size) or config["diffuser_steps"]
     warmup, start_lr = max(1, round(config["diffuser_warmup"] * total)), config["diffuser_warmup_start"]
@@ -604,17 +605,16 @@ def train_diffuser(config: dict, windows: np.ndarray, val_windows: np.ndarray, w
     start = time.time()
     bar = tqdm(range(total), desc="diffuser", mininterval=5, file=sys.stdout)
     for step in bar:
-        idx = torch.randint(len(data), (batch_size,), generator=gen, device=device)
-        loss = edm_loss(denoiser, data[idx], P_mean, P_std, noise=torch.randn(data[idx].shape, generator=gen, device=device),
-                        rnd_normal=torch.randn(len(idx), generator=gen, device=device))
+        x0 = data[torch.randint(len(data), (batch_size,), generator=gen, device=device)]
+        loss = edm_loss(denoiser, x0, P_mean, P_std, noise=torch.randn(x0.shape, generator=gen, device=device),
+                        rnd_normal=torch.randn(batch_size, generator=gen, device=device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         if (step + 1) % config["ema_every"] == 0:
             with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
-                    p_ema.lerp_(p, 1 - config["ema_decay"])
+                torch._foreach_lerp_(ema_params, params, 1 - config["ema_decay"])
         if step % 500 == 0 or step == total - 1:
             loss = loss.item()
             if not math.isfinite(loss):

@@ -16,7 +16,7 @@ error ||s'_synthetic - f(s, a)|| under the true dynamics f, open-loop drift (the
 state reached by replaying the synthetic actions from the synthetic first state), and end-point distances to goals A/B.
 Figures (`toy2d_panel.png` like Figure 2, `toy2d_sweep.png` like Figure 3, `toy2d.png` both) go to the run dir.
 
-Usage: python toy2d.py            (a few minutes on 2 CPU cores)
+Usage: python toy2d.py            (about 2.5 minutes on 2 CPU cores; phases and their times are printed as they end)
        python toy2d.py --quick    (tiny, for tests)
 Blocks between `# SHARED BEGIN: x` and `# SHARED END: x` are word for word those of pgd_iql.py (tools/sync_shared.py).
 """
@@ -58,8 +58,8 @@ class Args:
     """seed of the experiment (dataset, networks, sampler noise, rollouts)"""
     device: str = "cpu"
     """torch device (the toy is sized for a CPU)"""
-    num_threads: int = 1
-    """torch CPU threads (1 avoids thread oversubscription on a small shared CPU; 0 keeps torch's default)"""
+    num_threads: int = 0
+    """torch CPU threads (0: torch's default, one per core; 1 when another job shares the CPU)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     runs_root: str = "runs"
@@ -166,8 +166,11 @@ class Args:
     """divide the guidance gradient by its norm per trajectory, g / (||g|| + 1e-8), so coef is a step length (official: off)"""
     guide_on_denoised: bool = True
     """evaluate the policy gradient at the denoised estimate D(x; sigma) (one more network call) instead of the noisy sample"""
-    num_samples: int = 256
-    """trajectories per method (diffusion samples per lambda, world-model rollouts, real rollouts)"""
+    num_samples: int = 128
+    """diffusion samples per guidance coefficient (the run's main cost: 3 network calls per sampler step)"""
+    reference_samples: int = 512
+    """trajectories of each reference row: real target-policy rollouts, behaviour episodes (at most the training
+    episodes there are) and world-model rollouts; cheap, so more than --num-samples for a steadier baseline"""
     sampler_bf16: bool = False
     """run the denoiser's network F in bfloat16 autocast while sampling (the EDM skip path and guidance stay float32)"""
     compile: bool = False
@@ -188,8 +191,9 @@ class Args:
     """trajectories drawn per panel"""
 
 
-QUICK = dict(num_episodes=200, diffuser_steps=600, sampler_steps=16, num_samples=64, wm_steps=300,
-             guidance_sweep=(0.0, 1.0, 2.0, 4.0), guidance_coef=4.0, plot_trajectories=24)
+QUICK = dict(num_episodes=200, diffuser_steps=400, sampler_steps=16, num_samples=64,
+             reference_samples=128, wm_steps=300, guidance_sweep=(0.0, 1.0, 2.0, 4.0), guidance_coef=4.0,
+             plot_trajectories=24)
 
 
 # SHARED BEGIN: validation
@@ -500,7 +504,8 @@ def train_diffuser(config: dict, windows: np.ndarray, val_windows: np.ndarray, w
     denoiser = build_denoiser(config, data.shape[-1]).to(device)
     ema = build_denoiser(config, data.shape[-1]).to(device).requires_grad_(False)
     ema.load_state_dict(denoiser.state_dict())
-    optimizer = torch.optim.Adam(denoiser.parameters(), lr=config["diffuser_lr"])
+    optimizer = torch.optim.Adam(denoiser.parameters(), lr=config["diffuser_lr"], fused=device.type in ("cpu", "cuda"))
+    ema_params, params = list(ema.parameters()), list(denoiser.parameters())
     batch_size, P_mean, P_std = config["diffuser_batch_size"], config["P_mean"], config["P_std"]
     total = config["diffuser_epochs"] * max(1, len(data) // batch_size) or config["diffuser_steps"]
     warmup, start_lr = max(1, round(config["diffuser_warmup"] * total)), config["diffuser_warmup_start"]
@@ -512,17 +517,16 @@ def train_diffuser(config: dict, windows: np.ndarray, val_windows: np.ndarray, w
     start = time.time()
     bar = tqdm(range(total), desc="diffuser", mininterval=5, file=sys.stdout)
     for step in bar:
-        idx = torch.randint(len(data), (batch_size,), generator=gen, device=device)
-        loss = edm_loss(denoiser, data[idx], P_mean, P_std, noise=torch.randn(data[idx].shape, generator=gen, device=device),
-                        rnd_normal=torch.randn(len(idx), generator=gen, device=device))
+        x0 = data[torch.randint(len(data), (batch_size,), generator=gen, device=device)]
+        loss = edm_loss(denoiser, x0, P_mean, P_std, noise=torch.randn(x0.shape, generator=gen, device=device),
+                        rnd_normal=torch.randn(batch_size, generator=gen, device=device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         if (step + 1) % config["ema_every"] == 0:
             with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
-                    p_ema.lerp_(p, 1 - config["ema_decay"])
+                torch._foreach_lerp_(ema_params, params, 1 - config["ema_decay"])
         if step % 500 == 0 or step == total - 1:
             loss = loss.item()
             if not math.isfinite(loss):
@@ -848,20 +852,24 @@ def step_errors(obs: torch.Tensor, actions: torch.Tensor, args: Args) -> torch.T
 def trajectory_metrics(obs: torch.Tensor, actions: torch.Tensor, args: Args) -> dict[str, float]:
     """obs [N, T+1, 2], actions [N, T, 2] (env units) -> mean target log-likelihood of the actions, one-step dynamics
     error (all steps, and the second half of the steps: the long-horizon error), open-loop drift ||s_T - f(...f(s_0,
-    a_0)..., a_{T-1})||, end-point distances to the goals and the fraction of end points closer to goal B than to A."""
+    a_0)..., a_{T-1})||, end-point distances to the goals and the fraction of end points closer to goal B than to A;
+    `se_<metric>` is each one's standard error over the N trajectories."""
     log_prob = TargetPolicy(args).log_prob(obs[:, :-1], actions)
-    step_error = step_errors(obs, actions, args)
+    step_error = (obs[:, 1:] - true_dynamics(obs[:, :-1], actions, args)).norm(dim=-1)  # [N, T]
     replay = obs[:, 0]
     for t in range(actions.shape[1]):
         replay = true_dynamics(replay, actions[:, t], args)
     end = obs[:, -1]
     dist_a = (end - torch.as_tensor(args.goal_a)).norm(dim=-1)
     dist_b = (end - torch.as_tensor(args.goal_b)).norm(dim=-1)
-    return dict(target_log_prob=log_prob.mean().item(), dynamics_error=step_error.mean().item(),
-                late_dynamics_error=step_error[len(step_error) // 2:].mean().item(),
-                drift=(end - replay).norm(dim=-1).mean().item(), end_dist_a=dist_a.mean().item(),
-                end_dist_b=dist_b.mean().item(), frac_closer_to_b=(dist_b < dist_a).float().mean().item(),
-                steps=actions.shape[1], trajectories=obs.shape[0])
+    per_trajectory = dict(target_log_prob=log_prob.mean(1), dynamics_error=step_error.mean(1),
+                          late_dynamics_error=step_error[:, step_error.shape[1] // 2:].mean(1),
+                          drift=(end - replay).norm(dim=-1), end_dist_a=dist_a, end_dist_b=dist_b,
+                          frac_closer_to_b=(dist_b < dist_a).float())
+    n = obs.shape[0]
+    return dict(**{k: v.mean().item() for k, v in per_trajectory.items()},
+                **{f"se_{k}": (v.std().item() / math.sqrt(n) if n > 1 else 0.0) for k, v in per_trajectory.items()},
+                steps=actions.shape[1], trajectories=n)
 
 
 def split_windows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -908,38 +916,55 @@ def plot_sweep(axes, args: Args, sweep: list[dict], ends: dict[float, torch.Tens
     one-step dynamics error by trajectory step (it rises where a world model's error compounds)."""
     lams = [s["guidance_coef"] for s in sweep]
     cmap = plt.get_cmap("viridis")
-    draw_scene(axes[0], args, "end points of diffused trajectories")
+    draw_scene(axes[0], args, "where diffused trajectories end")
+    handles = []
     for i, lam in enumerate(lams):
         e = ends[lam].cpu().numpy()
-        axes[0].scatter(e[:, 0], e[:, 1], s=5, alpha=0.6, color=cmap(i / max(1, len(lams) - 1)), label=f"$\\lambda$={lam:g}")
-    axes[0].legend(loc="lower left", fontsize=6)
+        handles.append(axes[0].scatter(e[:, 0], e[:, 1], s=5, alpha=0.6, color=cmap(i / max(1, len(lams) - 1)),
+                                       label=f"$\\lambda$={lam:g}"))
+    axes[0].legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=len(lams), fontsize=7,
+                   handletextpad=0.1, columnspacing=0.8, markerscale=2, frameon=False)
     x = np.arange(len(lams))
     axes[1].plot(x, [s["target_log_prob"] for s in sweep], "o-", color="tab:red", label="guided diffusion")
     for key, style in (("target", "tab:green"), ("behaviour", "tab:orange")):
-        axes[1].axhline(reference[key]["target_log_prob"], ls="--", color=style, label=key)
-    axes[1].set_title("target action log-likelihood", fontsize=9)
-    axes[2].plot(x, [s["end_dist_b"] for s in sweep], "o-", color="tab:green", label="to goal B")
-    axes[2].plot(x, [s["end_dist_a"] for s in sweep], "o-", color="tab:orange", label="to goal A")
-    axes[2].set_title("end-point distance", fontsize=9)
-    axes[3].plot(x, [s["dynamics_error"] for s in sweep], "o-", color="tab:red", label="diffusion, step error")
-    axes[3].plot(x, [s["drift"] for s in sweep], "s-", color="tab:red", alpha=0.5, label="diffusion, drift")
+        axes[1].axhline(reference[key]["target_log_prob"], ls="--", color=style, label=f"{key} policy data")
+    axes[1].set_title("how on-policy: target log-likelihood", fontsize=9)
+    axes[1].set_ylabel("mean log $\\pi_{target}(a|s)$ per step", fontsize=8)
+    axes[2].plot(x, [s["end_dist_b"] for s in sweep], "o-", color="tab:green", label="to goal B (target)")
+    axes[2].plot(x, [s["end_dist_a"] for s in sweep], "o-", color="tab:orange", label="to goal A (behaviour)")
+    axes[2].set_title("where trajectories end", fontsize=9)
+    axes[2].set_ylabel("mean end-point distance", fontsize=8)
+    axes[3].plot(x, [s["dynamics_error"] for s in sweep], "o-", color="tab:red", label="diffusion, per step")
+    axes[3].plot(x, [s["drift"] for s in sweep], "s-", color="tab:red", alpha=0.5, label="diffusion, whole trajectory")
     axes[3].axhline(reference["world_model_full"]["drift"], ls="--", color="tab:purple",
-                    label=f"world model, {args.horizon - 1}-step drift")
-    axes[3].axhline(reference["world_model"]["dynamics_error"], ls=":", color="tab:purple", label="world model, step error")
+                    label=f"world model, {args.horizon - 1} steps")
+    axes[3].axhline(reference["world_model"]["dynamics_error"], ls=":", color="tab:purple", label="world model, per step")
     axes[3].set_yscale("log")
-    axes[3].set_title("dynamics error (true f)", fontsize=9)
+    lowest = min([s["dynamics_error"] for s in sweep] + [reference["world_model"]["dynamics_error"]])
+    axes[3].set_ylim(bottom=max(lowest, 1e-12) / 20)  # room for the legend below the lowest line
+    axes[3].set_title("how physical: error against the real dynamics", fontsize=9)
+    axes[3].set_ylabel("distance to the real next state (log)", fontsize=8)
     for ax in axes[1:4]:
         ax.set_xticks(x, [f"{v:g}" for v in lams])
         ax.set_xlabel("guidance coefficient $\\lambda$", fontsize=8)
+    axes[1].legend(fontsize=6, loc="center right")
+    axes[2].legend(fontsize=6, loc="upper center")
+    axes[3].legend(fontsize=6, loc="lower left")
     for i, (name, curve) in enumerate(curves.items()):  # the world model first, then the lambdas in sweep order
         color = "tab:purple" if i == 0 else cmap((i - 1) / max(1, len(curves) - 2))
-        axes[4].plot(np.arange(len(curve)), curve, label=name, color=color, lw=2 if i == 0 else 1.5)
+        label = name.replace("diffusion, lambda=", "diffusion $\\lambda$=")
+        axes[4].plot(np.arange(len(curve)), curve, label=label, color=color, lw=2.5 if i == 0 else 1.5,
+                     zorder=3 if i == 0 else 2)
     axes[4].set_yscale("log")
-    axes[4].set_title("one-step dynamics error by step", fontsize=9)
+    axes[4].set_title("error against the real dynamics, by step", fontsize=9)
     axes[4].set_xlabel("trajectory step", fontsize=8)
+    axes[4].set_ylabel("one-step error (log)", fontsize=8)
+    axes[4].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     for ax in axes[1:]:
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6)
+
+
+SWEEP_WIDTHS = dict(width_ratios=[1.25, 1, 1, 1, 1])
 
 
 def save_figures(run_dir: str, args: Args, trajs, sweep, ends, reference, curves) -> list[str]:
@@ -949,15 +974,15 @@ def save_figures(run_dir: str, args: Args, trajs, sweep, ends, reference, curves
     paths.append(os.path.join(run_dir, "toy2d_panel.png"))
     fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
     plt.close(fig)
-    fig, axes = plt.subplots(1, 5, figsize=(15, 3.4))
+    fig, axes = plt.subplots(1, 5, figsize=(17, 3.6), gridspec_kw=SWEEP_WIDTHS, layout="constrained")
     plot_sweep(axes, args, sweep, ends, reference, curves)
     paths.append(os.path.join(run_dir, "toy2d_sweep.png"))
     fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
     plt.close(fig)
-    fig = plt.figure(figsize=(15, 6.6), layout="constrained")
+    fig = plt.figure(figsize=(17, 7.4), layout="constrained")
     sub_top, sub_bottom = fig.subfigures(2, 1)
     plot_panel(sub_top.subplots(1, 5), args, trajs)
-    plot_sweep(sub_bottom.subplots(1, 5), args, sweep, ends, reference, curves)
+    plot_sweep(sub_bottom.subplots(1, 5, gridspec_kw=SWEEP_WIDTHS), args, sweep, ends, reference, curves)
     paths.append(os.path.join(run_dir, "toy2d.png"))
     fig.savefig(paths[-1], dpi=72, bbox_inches="tight")
     plt.close(fig)
@@ -986,13 +1011,21 @@ RANGES = dict(num_threads="[0, inf)", episode_steps="[2, inf)", step_size="(0, i
               ema_every="[1, inf)", sigma_data="(0, inf)", P_mean="(-inf, inf)", P_std="(0, inf)",
               sampler_steps="[1, inf)", sigma_min="(0, inf)", sigma_max="(0, inf)", rho="(0, inf)", S_churn="[0, inf)",
               S_tmin="[0, inf)", S_tmax="[0, inf)", S_noise="(0, inf)", guidance_coef="[0, inf)",
-              guidance_sweep="[0, inf)", guidance_cosine="(-inf, inf)", num_samples="[1, inf)", wm_ensemble="[1, inf)",
-              wm_hidden="[1, inf)", wm_steps="[1, inf)", wm_lr="(0, inf)", wm_rollout_length="[1, inf)",
+              guidance_sweep="[0, inf)", guidance_cosine="(-inf, inf)", num_samples="[1, inf)",
+              reference_samples="[1, inf)", wm_ensemble="[1, inf)", wm_hidden="[1, inf)", wm_steps="[1, inf)", wm_lr="(0, inf)", wm_rollout_length="[1, inf)",
               plot_trajectories="[1, inf)")
 
 
 def main(args: Args) -> dict:
-    start_time = time.time()
+    start_time = last = time.time()
+    phase_times = {}
+
+    def phase(name: str, detail: str = ""):
+        """Print a finished phase with its time as the run goes; keep the time for metrics.json."""
+        nonlocal last
+        phase_times[name], last = time.time() - last, time.time()
+        print(f"[toy2d {last - start_time:5.0f}s] {name}: {phase_times[name]:.1f}s" + (f" ({detail})" if detail else ""),
+              flush=True)
     if args.quick:
         defaults = Args()
         for k, v in QUICK.items():
@@ -1038,20 +1071,19 @@ def main(args: Args) -> dict:
     # ALGO LOGIC: world model, diffuser, samples
     gen = torch.Generator().manual_seed(args.seed)
     policy = TargetPolicy(args)
-    t0 = time.time()
+    phase("data")
     world_model = WorldModel(args)
     wm_loss = world_model.fit(real["obs"], real["actions"], real["next_obs"], gen, writer)
-    print(f"world model: {args.wm_ensemble} members, final loss {wm_loss:.2e} ({time.time() - t0:.0f}s)")
-    t0 = time.time()
+    phase("world model", f"{args.wm_ensemble} members, final loss {wm_loss:.2e}")
     config = {k: getattr(args, k) for k in DIFFUSER_FIELDS}
     denoiser, normalizer = train_diffuser(config, windows, val_windows, writer, device)
     atomic_torch_save(dict(ema=denoiser.state_dict(), mean=normalizer.mean, std=normalizer.std, config=config,
                            data_dim=windows.shape[-1], dataset_id="toy2d"), os.path.join(run_dir, "diffuser.pt"))
     denoiser.requires_grad_(False)
-    diffuser_time = time.time() - t0
+    phase("diffuser training", f"{config['diffuser_steps']} steps")
 
     trajs, rows, ends, sweep = {}, {}, {}, []
-    n = args.num_samples
+    n = args.reference_samples
     trajs["target"], actions = target_rollouts(args, n, gen)
     rows["target policy (real env)"] = reference_target = trajectory_metrics(trajs["target"], actions, args)
     ep_idx = torch.randperm(len(train_eps), generator=gen)[:n]
@@ -1065,8 +1097,9 @@ def main(args: Args) -> dict:
     obs, actions = world_model.rollout(trajs["target"][:, 0], args.horizon - 1, policy, gen)
     rows[f"world model, {args.horizon - 1} steps from start"] = wm_full = trajectory_metrics(obs, actions, args)
     curves = {"world model": step_errors(obs, actions, args).tolist()}  # one-step error by trajectory step
+    phase("reference rollouts", "target policy, behaviour data, world model")
 
-    t0 = time.time()
+    n = args.num_samples
     lams = sorted(set(args.guidance_sweep) | {0.0, args.guidance_coef})
     sampler = GuidedEDMSampler(denoiser, normalizer, 2, 2, **{k: getattr(args, k) for k in SAMPLER_FIELDS})
     for lam in lams:
@@ -1088,8 +1121,8 @@ def main(args: Args) -> dict:
         for k, v in m.items():
             writer.add_scalar(f"sweep/{k}", v, int(round(lam * 1000)))
         print(f"lambda {lam:g}: target log-lik {m['target_log_prob']:.2f}, dynamics error {m['dynamics_error']:.4f}, "
-              f"end dist B {m['end_dist_b']:.2f} / A {m['end_dist_a']:.2f}")
-    sample_time = time.time() - t0
+              f"end dist B {m['end_dist_b']:.2f} / A {m['end_dist_a']:.2f}", flush=True)
+    phase("sampling", f"{len(lams)} guidance coefficients x {n} trajectories, {args.sampler_steps} steps")
 
     # TRY NOT TO MODIFY: figures, metrics table and JSON
     reference = dict(target=reference_target, behaviour=reference_behaviour, world_model=wm, world_model_full=wm_full)
@@ -1099,15 +1132,20 @@ def main(args: Args) -> dict:
         os.makedirs(os.path.dirname(args.docs_figure) or ".", exist_ok=True)
         shutil.copyfile(figures[-1], args.docs_figure)
     table = metric_table(rows)
+    phase("metrics and figures")
     wall = time.time() - start_time
     summary = dict(methods=rows, sweep=sweep, step_errors=curves, figures=figures, run_dir=run_dir, wall_time_s=wall,
-                   diffuser_train_time_s=diffuser_time, sample_time_s=sample_time, args=dataclasses.asdict(args))
+                   phase_times_s=phase_times, diffuser_train_time_s=phase_times["diffuser training"],
+                   sample_time_s=phase_times["sampling"], threads=torch.get_num_threads(),
+                   args=dataclasses.asdict(args))
     with open(os.path.join(run_dir, "metrics.json.tmp"), "w") as f:
         json.dump(summary, f, indent=1)
     os.replace(os.path.join(run_dir, "metrics.json.tmp"), os.path.join(run_dir, "metrics.json"))
     writer.close()
     print(table)
-    print(f"toy2d: {wall:.0f}s wall time (diffuser {diffuser_time:.0f}s, sampling {sample_time:.0f}s) -> {run_dir}")
+    print(f"toy2d: {wall:.0f}s wall time on {torch.get_num_threads()} threads ("
+          + ", ".join(f"{k} {v:.0f}s" for k, v in phase_times.items()) + ")")
+    print(f"figure: {figures[-1]}")
     return summary
 
 

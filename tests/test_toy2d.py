@@ -1,7 +1,8 @@
 """Tests of toy2d.py (imported as a module): the toy environment, policies, metrics and world model, and one `--quick`
-run of the whole experiment (diffuser, guided sampler sweep, figures, metrics.json)."""
+run of the whole experiment as a subprocess (diffuser, guided sampler sweep, figures, metrics.json)."""
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -13,6 +14,9 @@ from hypothesis import strategies as st
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import toy2d  # noqa: E402
 from conftest import assert_invalid_value_gives_one_line  # noqa: E402
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_args(**kw):
@@ -129,13 +133,14 @@ def test_world_model_error_compounds_only_where_it_must_extrapolate(tmp_path):
 # ---------------------------------------------------------------- the whole experiment, once (--quick)
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    """`python toy2d.py --quick` as a user runs it; its metrics.json (the summary main() returns) and the root dir."""
     root = tmp_path_factory.mktemp("toy2d")
-    args = toy2d.Args(quick=True, runs_root=str(root / "runs"), docs_figure=str(root / "docs" / "toy2d.png"))
-    threads = torch.get_num_threads()
-    try:
-        summary = toy2d.main(args)
-    finally:
-        torch.set_num_threads(threads)  # main() sets its own thread count
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "toy2d.py"), "--quick", "--runs-root", str(root / "runs"),
+                        "--docs-figure", str(root / "docs" / "toy2d.png")], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    (run_dir,) = (root / "runs").iterdir()
+    summary = json.load(open(run_dir / "metrics.json"))
+    summary["stdout"] = p.stdout
     return summary, root
 
 
@@ -195,6 +200,33 @@ def test_figures_and_metrics_are_written(quick_run):
         curve = curves[f"diffusion, lambda={s['guidance_coef']:g}"]
         assert np.mean(curve) == pytest.approx(s["dynamics_error"], rel=1e-5)
     assert os.path.isfile(os.path.join(run_dir, "diffuser.pt"))
+
+
+def test_quick_run_has_the_default_runs_table_phases_and_figure_path(quick_run):
+    """--quick shrinks sizes only: the metric table has the rows and columns a default run has (one row per guidance
+    coefficient of the sweep), the phases are printed with their times as they end, and the figure's path last."""
+    summary, _ = quick_run
+    args, default = summary["args"], toy2d.Args()
+    assert args["horizon"] == default.horizon and args["wm_rollout_length"] == default.wm_rollout_length
+    assert not set(toy2d.QUICK) & {"horizon", "wm_rollout_length", "episode_steps", "goal_a", "goal_b", "start"}
+    lams = sorted(set(args["guidance_sweep"]) | {0.0, args["guidance_coef"]})
+    assert list(summary["methods"]) == [
+        "target policy (real env)", "behaviour dataset", f"world model, k={default.wm_rollout_length} from data",
+        f"world model, {default.horizon - 1} steps from start", "unguided diffusion",
+        *[f"policy-guided diffusion, lambda={lam:g}" for lam in lams if lam]]
+    metrics = {"target_log_prob", "dynamics_error", "late_dynamics_error", "drift", "end_dist_a", "end_dist_b",
+               "frac_closer_to_b"}
+    for m in summary["methods"].values():
+        assert set(m) == metrics | {f"se_{k}" for k in metrics} | {"steps", "trajectories"}
+    table = toy2d.metric_table(summary["methods"]).splitlines()
+    assert len(table) == 2 + len(summary["methods"]) and all(line.count("|") == 9 for line in table)
+    phases = ["data", "world model", "diffuser training", "reference rollouts", "sampling", "metrics and figures"]
+    assert list(summary["phase_times_s"]) == phases
+    assert sum(summary["phase_times_s"].values()) <= summary["wall_time_s"] + 1e-6
+    out = summary["stdout"].splitlines()
+    printed = [next(i for i, line in enumerate(out) if line.startswith("[toy2d") and f"] {ph}: " in line) for ph in phases]
+    assert printed == sorted(printed)  # printed as each phase ends, in order
+    assert out[-1] == f"figure: {summary['figures'][-1]}" and os.path.isfile(summary["figures"][-1])
 
 
 @settings(max_examples=60, deadline=None)
