@@ -163,6 +163,14 @@ class Args:
     """evaluation episodes (vectorised)"""
     log_every: int = 1_000
     """log losses every this many steps"""
+    checkpoint_every: int = 0
+    """agent steps between atomic checkpoints of the whole run (`checkpoint.pt` in its run dir; 0: only when stopped by
+    SIGTERM/SIGUSR2, e.g. a SLURM preemption); --resume continues from it"""
+    resume: bool = False
+    """continue the newest unfinished run of this --env-id/--exp-name/--seed under --runs-root from its checkpoint
+    (a new run when there is none; a finished one is reported, not rerun)"""
+    diffuser_only: bool = False
+    """train the diffuser (or find it in --diffuser-cache-dir) and stop: the sweep's diffuser jobs"""
     # SHARED END: args
 
     # Agent (IQL)
@@ -936,7 +944,13 @@ RANGES = dict(horizon="[2, inf)", sample_horizon="[2, inf)", window_stride="[1, 
               S_noise="(0, inf)", guidance_coef="[0, inf)", guidance_cosine="(-inf, inf)", sample_batch_size="[1, inf)",
               total_steps="[1, inf)", batch_size="[1, inf)", synthetic_ratio="[0, 1]", num_synthetic="[1, inf)",
               regenerate_every="[1, inf)", eval_every="[1, inf)", eval_episodes="[1, inf)", log_every="[1, inf)",
-              diffuser_mults="[1, inf)")
+              diffuser_mults="[1, inf)", checkpoint_every="[0, inf)")
+
+
+def atomic_json(obj: dict, path: str):
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(f"{path}.tmp", path)
 
 
 def make_run_dir(args: Args) -> str:
@@ -956,6 +970,48 @@ def make_run_dir(args: Args) -> str:
     raise SystemExit(f"error: 1000 run dirs {base}_* exist already; pass another --runs-root")
 
 
+def resumable_run(args: Args) -> tuple[Optional[str], Optional[dict]]:
+    """The newest run dir of this env/exp/seed under --runs-root: (dir, its results.json if it finished), or
+    (None, None) when there is none to resume."""
+    prefix = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__"
+    dirs = [os.path.join(args.runs_root, d) for d in os.listdir(args.runs_root) if d.startswith(prefix)] \
+        if os.path.isdir(args.runs_root) else []
+    for run_dir in sorted(dirs, key=os.path.getmtime, reverse=True):
+        if os.path.isfile(os.path.join(run_dir, "results.json")):
+            return run_dir, json.load(open(os.path.join(run_dir, "results.json")))
+        if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+            return run_dir, None
+    return None, None
+
+
+def training_state(agent: nn.Module) -> dict:
+    """What the agent's state_dict() misses: optimiser and LR-scheduler states, counters, last losses."""
+    state = {}
+    for k, v in vars(agent).items():
+        if isinstance(v, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
+            state[k] = v.state_dict()
+        elif not k.startswith("_") and isinstance(v, (int, float, bool, torch.Tensor)):
+            state[k] = v
+    return state
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read the run checkpoint {path} ({type(e).__name__}); delete it (or its run "
+                         f"dir) to start the run over") from None
+
+
+def load_training_state(agent: nn.Module, state: dict):
+    for k, v in state.items():
+        target = getattr(agent, k)
+        if isinstance(target, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
+            target.load_state_dict(v)
+        else:
+            setattr(agent, k, v)
+
+
 def main(args: Args):
     run_start = time.time()
     if args.paper_scale and args.preset != "paper":
@@ -967,12 +1023,18 @@ def main(args: Args):
         return None
     dataset = load_dataset(args.env_id)
     dataset_id = dataset.spec.dataset_id
-    run_dir = make_run_dir(args)
+    run_dir, resumed = resumable_run(args) if args.resume else (None, None)
+    if resumed is not None:
+        print(f"{args.exp_name} {args.env_id} seed {args.seed}: finished already -> {run_dir}")
+        return resumed
+    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt")) if run_dir else None
+    run_dir = run_dir or make_run_dir(args)
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     if args.track:
         import wandb
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=os.path.basename(run_dir),
                    save_code=True)
-    writer = SummaryWriter(run_dir)
+    writer = SummaryWriter(run_dir, purge_step=ckpt["step"] + 1 if ckpt else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     # TRY NOT TO MODIFY: seeding
@@ -1000,20 +1062,51 @@ def main(args: Args):
     synthetic, sampler = None, None
     gen = torch.Generator().manual_seed(args.seed)
     n_synthetic = round(args.batch_size * args.synthetic_ratio)
-    if n_synthetic > 0:
+    if n_synthetic > 0 or args.diffuser_only:
         train_eps = [e for e, v in zip(episodes, val_mask) if not v]
         val_eps = [e for e, v in zip(episodes, val_mask) if v] or train_eps
         windows = make_windows(train_eps, args.horizon, args.window_stride)
         val_windows = make_windows(val_eps, args.horizon, args.window_stride) if val_mask.any() else windows
         denoiser, normalizer = get_diffuser(args, dataset_id, windows, val_windows, writer, device)
         sampler = GuidedEDMSampler(denoiser, normalizer, obs_dim, act_dim, **{k: getattr(args, k) for k in SAMPLER_FIELDS})
+    if args.diffuser_only:
+        summary = dict(env_id=args.env_id, dataset_id=dataset_id, seed=args.seed, diffuser_only=True,
+                       wall_time_s=time.time() - run_start, args=dataclasses.asdict(args))
+        atomic_json(summary, os.path.join(run_dir, "results.json"))
+        writer.close()
+        print(f"diffuser of {args.env_id} seed {args.seed} ready in {args.diffuser_cache_dir} -> {run_dir}")
+        return summary
 
     torch.manual_seed(args.seed)  # the agent's randomness must not depend on whether the diffuser was trained or loaded
     agent = make_agent(args, act_dim, stats).to(device)
 
+    # a stop signal (SLURM preemption: SIGTERM / submitit's SIGUSR2) ends the run at the next step with a checkpoint
+    import signal
+    stop, handlers = [], {}
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        handlers[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
+    history, start, first_step, elapsed = [], time.time(), 1, 0.0
+    if ckpt is not None:
+        agent.load_state_dict(ckpt["agent"])
+        load_training_state(agent, ckpt["training_state"])
+        synthetic = {k: v.to(device) for k, v in ckpt["synthetic"].items()} if ckpt["synthetic"] else None
+        gen.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        history, first_step, elapsed = ckpt["history"], ckpt["step"] + 1, ckpt["agent_time_s"]
+        print(f"resumed {run_dir} at step {first_step}")
+
+    def save_checkpoint(step: int):
+        atomic_torch_save(dict(step=step, agent=agent.state_dict(), training_state=training_state(agent),
+                               synthetic=synthetic, generator=gen.get_state(), torch_rng=torch.get_rng_state(),
+                               cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                               history=history, agent_time_s=elapsed + time.time() - start,
+                               args=dataclasses.asdict(args)), checkpoint_path)
+
     # ALGO LOGIC: training loop
-    history, start = [], time.time()
-    bar = tqdm(range(1, args.total_steps + 1), desc="agent", mininterval=5, file=sys.stdout)
+    bar = tqdm(range(first_step, args.total_steps + 1), desc="agent", mininterval=5, file=sys.stdout,
+               initial=first_step - 1, total=args.total_steps)
     for step in bar:
         if sampler is not None and (step - 1) % args.regenerate_every == 0:
             t0 = time.time()
@@ -1041,7 +1134,7 @@ def main(args: Args):
         if step % args.log_every == 0:
             for k, v in losses.items():
                 writer.add_scalar(k, v.item(), step)
-            writer.add_scalar("charts/SPS", int(step / (time.time() - start)), step)
+            writer.add_scalar("charts/SPS", int((step - first_step + 1) / (time.time() - start)), step)
         if step % args.eval_every == 0 or step == args.total_steps:
             returns = evaluate(agent.act, dataset, args.eval_episodes, args.seed + 10_000, device)
             score = normalized_score(dataset, returns)
@@ -1051,15 +1144,23 @@ def main(args: Args):
             writer.add_scalar("eval/normalized_score", score.mean(), step)
             bar.set_postfix(score=f"{score.mean():.1f}")
             print(f"step {step}: return {returns.mean():.1f}, normalized score {score.mean():.1f} +- {score.std():.1f}")
+        if stop or (args.checkpoint_every and step % args.checkpoint_every == 0 and step < args.total_steps):
+            save_checkpoint(step)
+        if stop:
+            writer.close()
+            print(f"stopped by signal {stop[0]} after step {step}: checkpoint {checkpoint_path}; continue with --resume")
+            sys.exit(128 + stop[0])
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
 
     best = max(history, key=lambda h: h["score_mean"])
     summary = dict(env_id=args.env_id, dataset_id=dataset_id, exp_name=args.exp_name, seed=args.seed,
                    last_score=history[-1]["score_mean"], best_score=best["score_mean"], best_step=best["step"],
-                   agent_time_s=time.time() - start, wall_time_s=time.time() - run_start, history=history,
-                   args=dataclasses.asdict(args))
-    with open(os.path.join(run_dir, "results.json.tmp"), "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(os.path.join(run_dir, "results.json.tmp"), os.path.join(run_dir, "results.json"))
+                   agent_time_s=elapsed + time.time() - start, wall_time_s=time.time() - run_start, history=history,
+                   resumed_from_step=first_step - 1 if ckpt else None, args=dataclasses.asdict(args))
+    atomic_json(summary, os.path.join(run_dir, "results.json"))
+    if os.path.exists(checkpoint_path):
+        os.remove(checkpoint_path)  # results.json is the record now; the checkpoint (with its synthetic set) is not
     if args.save_model:
         atomic_torch_save(agent.state_dict(), os.path.join(run_dir, "agent.pt"))
         atomic_torch_save(agent.policy_checkpoint(), os.path.join(run_dir, "policy.pt"))

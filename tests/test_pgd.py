@@ -3,8 +3,10 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -616,3 +618,69 @@ def test_bad_inputs_give_one_line_errors(tiny_store, tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "pgd_iql.py"), *TINY, "--runs-root", str(blocker / "runs")],
                        env={**os.environ, "MINARI_DATASETS_PATH": tiny_store}, capture_output=True, text=True)
     assert p.returncode != 0 and "--runs-root" in p.stderr and "Traceback" not in p.stderr
+
+
+# ---------------------------------------------------------------- preemption: checkpoint, SIGTERM, --resume
+def flags_with(base: list[str], **overrides) -> list[str]:
+    """`base` (a flat flag list) with `--name value` pairs replaced or added."""
+    out = list(base)
+    for name, value in overrides.items():
+        flag = "--" + name.replace("_", "-")
+        if flag in out:
+            out[out.index(flag) + 1] = str(value)
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+@pytest.mark.parametrize("script", ["pgd_iql.py", "pgd_td3bc.py"])
+def test_sigterm_then_resume_gives_the_uninterrupted_numbers(script, tiny_store, tmp_path):
+    flags = flags_with(TINY, total_steps=600, regenerate_every=200, eval_every=100, checkpoint_every=50)
+    whole = run_script(script, flags, tiny_store, tmp_path / "whole")
+    (run,) = (tmp_path / "whole" / "runs").iterdir()
+    expected = json.loads((run / "results.json").read_text())
+    assert not (run / "checkpoint.pt").exists() and "resumed" not in whole.stdout
+
+    root = tmp_path / "cut"
+    env = {**os.environ, "MINARI_DATASETS_PATH": tiny_store, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, os.path.join(ROOT, script), *flags, "--runs-root", str(root / "runs"),
+           "--diffuser-cache-dir", str(tmp_path / "whole" / "diffusers"), "--resume"]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not list((root / "runs").glob("*/checkpoint.pt")) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "continue with --resume" in out
+    (cut,) = (root / "runs").iterdir()
+    assert (cut / "checkpoint.pt").exists() and not (cut / "results.json").exists()
+    step = torch.load(cut / "checkpoint.pt", weights_only=True)["step"]
+    assert 50 <= step < 600
+
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert f"resumed {cut} at step {step + 1}" in p.stdout
+    resumed = json.loads((cut / "results.json").read_text())
+    assert resumed["history"] == expected["history"] and resumed["last_score"] == expected["last_score"]
+    assert resumed["resumed_from_step"] == step and not (cut / "checkpoint.pt").exists()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)  # finished: reported, not rerun
+    assert again.returncode == 0 and "finished already" in again.stdout and len(list((root / "runs").iterdir())) == 1
+
+
+def test_corrupt_run_checkpoint_is_one_line(tiny_store, tmp_path):
+    run = tmp_path / "runs" / "hopper-medium-replay__pgd_iql__1__123"
+    run.mkdir(parents=True)
+    (run / "checkpoint.pt").write_bytes(os.urandom(2000))
+    p = run_script("pgd_iql.py", TINY + ["--resume"], tiny_store, tmp_path, check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "cannot read the run checkpoint" in p.stderr.strip().splitlines()[-1]
+
+
+def test_diffuser_only_trains_the_cache_and_stops(tiny_store, tmp_path):
+    p = run_script("pgd_td3bc.py", TINY + ["--diffuser-only", "--synthetic-ratio", "0"], tiny_store, tmp_path)
+    res, _ = results(tmp_path)
+    assert res["diffuser_only"] and "history" not in res and "diffuser of" in p.stdout
+    assert len(list((tmp_path / "diffusers").glob("*.pt"))) == 1
+    p = run_script("pgd_iql.py", TINY, tiny_store, tmp_path)  # another agent script reuses it from the cache
+    assert "loaded diffuser" in p.stdout and "saved diffuser" not in p.stdout, p.stdout[-2000:]
