@@ -220,7 +220,14 @@ def machine_info(device: torch.device) -> list[str]:
     return lines
 
 
+# valid range of every numeric field
+RANGES = dict(repeats="[1, inf)", threads="[1, inf)", sampler_steps="[1, inf)", sampler_batch="[1, inf)",
+              horizon="[2, inf)", obs_dim="[1, inf)", act_dim="[1, inf)", diffuser_train_steps="[1, inf)",
+              agent_updates="[1, inf)", seed="(-inf, inf)")
+
+
 def main(b: BenchArgs):
+    pgd_iql.check_ranges(b, RANGES)
     if b.threads or b.quick:
         torch.set_num_threads(b.threads or 1)
     if b.quick:

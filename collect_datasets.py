@@ -116,6 +116,23 @@ class Args:
     """where D4RL publishes its files (`<base>/gym_mujoco_v2/hopper_medium_replay-v2.hdf5`); point it at a mirror"""
 
 
+# SHARED BEGIN: validation
+def check_ranges(args, ranges: dict[str, str]):
+    """Stop with one line naming the first field outside its interval (e.g. `[1, inf)`, `(0, 1)`; every entry of a tuple
+    field); NaN never passes; None (a field still to be resolved from another) is skipped."""
+    for name, interval in ranges.items():
+        low, high = (float(b) for b in interval[1:-1].split(","))
+        value = getattr(args, name)
+        for v in (value if isinstance(value, (tuple, list)) else () if value is None else (value,)):
+            above = v >= low if interval[0] == "[" else v > low
+            below = v <= high if interval[-1] == "]" else v < high
+            if not (above and below):
+                raise SystemExit(f"error: --{name.replace('_', '-')} {value} is outside its valid range {interval}")
+
+
+# SHARED END: validation
+
+
 # SHARED BEGIN: dataset_ids
 # Dataset names -> Minari dataset ids. Three sources, never shadowing each other:
 #  - built here by collect_datasets.py (SAC behaviour policies, waypoint maze controller): `hopper-medium-replay`,
@@ -135,6 +152,25 @@ DATASETS = {
 }
 
 
+def minari_store() -> str:
+    """The local Minari store (`$MINARI_DATASETS_PATH`, else ~/.minari/datasets); one line when it cannot be made."""
+    from minari.storage.datasets_root_dir import get_dataset_path
+    try:
+        return str(get_dataset_path())
+    except OSError as e:
+        raise SystemExit(f"error: the Minari store {os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')} "
+                         f"cannot be created ({e.strerror}); set MINARI_DATASETS_PATH to a writable folder") from None
+
+
+def unreadable(dataset_id: str, e: BaseException) -> SystemExit:
+    """The one-line error for a local dataset whose files cannot be read (truncated, garbled, parts missing)."""
+    name = {v: k for k, v in DATASETS.items()}.get(dataset_id, dataset_id)
+    reason = (str(e).strip().splitlines() or [""])[0][:160]
+    return SystemExit(f"error: Minari dataset {dataset_id!r} in {os.path.join(minari_store(), dataset_id)} is "
+                      f"unreadable ({type(e).__name__}: {reason}); delete that folder and rebuild it with: "
+                      f"python collect_datasets.py --env-id {name}")
+
+
 def load_dataset(env_id: str):
     """The Minari dataset behind a name (`hopper-medium-replay`, `hopper-medium-replay-v2`) or a full Minari id:
     local store first, then Minari's remote store (not for D4RL imports); one line naming the command that makes it."""
@@ -142,8 +178,14 @@ def load_dataset(env_id: str):
     if env_id not in DATASETS and "/" not in env_id:
         raise SystemExit(f"error: unknown --env-id {env_id!r}; use one of {', '.join(DATASETS)} or a Minari id")
     dataset_id = DATASETS.get(env_id, env_id)
+    store = minari_store()
     if dataset_id in minari.list_local_datasets():
-        return minari.load_dataset(dataset_id)
+        try:
+            return minari.load_dataset(dataset_id)
+        except Exception as e:  # metadata present but unreadable
+            raise unreadable(dataset_id, e) from None
+    if os.path.isdir(os.path.join(store, dataset_id, "data")):  # a folder Minari does not list: data or metadata gone
+        raise unreadable(dataset_id, FileNotFoundError("no readable data/metadata.json or data file"))
     name = {v: k for k, v in DATASETS.items()}.get(dataset_id, env_id)
     if dataset_id in D4RL_DATASETS.values():
         raise SystemExit(f"error: D4RL dataset {name!r} is not imported yet; import it with: python collect_datasets.py "
@@ -826,8 +868,7 @@ def import_d4rl(args: Args, name: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ writing
 def dataset_root():
-    from minari.storage.datasets_root_dir import get_dataset_path
-    return str(get_dataset_path())
+    return minari_store()
 
 
 def check_absent(dataset_id: str, overwrite: bool):
@@ -882,7 +923,10 @@ def write_dataset(dataset_id: str, episodes, env, eval_env, ref_min_score: float
 
 def dataset_stats(dataset) -> dict:
     import minari
-    returns = np.array([float(np.sum(ep.rewards)) for ep in dataset.iterate_episodes()])
+    try:
+        returns = np.array([float(np.sum(ep.rewards)) for ep in dataset.iterate_episodes()])
+    except (OSError, RuntimeError, KeyError, ValueError) as e:  # h5py: truncated or garbled file
+        raise unreadable(dataset.spec.dataset_id, e) from None
     return dict(episodes=dataset.total_episodes, steps=dataset.total_steps, mean_return=float(returns.mean()),
                 mean_normalized_return=float(np.mean(minari.get_normalized_score(dataset, returns))))
 
@@ -892,7 +936,7 @@ def build_mujoco(args: Args, env_name: str, level: str, overwrite: bool) -> dict
     cfg = SAC_ENVS[env_name]
     dataset_id = DATASETS[f"{env_name}-{level}"]
     check_absent(dataset_id, overwrite)
-    num_steps = args.num_steps or DEFAULT_NUM_STEPS
+    num_steps = DEFAULT_NUM_STEPS if args.num_steps is None else args.num_steps
     env = gym.make(cfg["gym_id"])
     rng = np.random.default_rng(args.seed + 1)
     description = dict(collector="collect_datasets.py", level=level, args=dataclasses.asdict(args),
@@ -937,7 +981,7 @@ def build_maze(args: Args, maze: str) -> dict:
     register_mazes()
     cfg, dataset_id = MAZES[maze], DATASETS[f"maze2d-{maze}"]
     check_absent(dataset_id, args.overwrite)
-    env, episodes, goals = maze_rollouts(args, maze, args.num_steps or DEFAULT_NUM_STEPS)
+    env, episodes, goals = maze_rollouts(args, maze, DEFAULT_NUM_STEPS if args.num_steps is None else args.num_steps)
     eval_env = gym.make(cfg["gym_id"], continuing_task=True, reset_target=False, max_episode_steps=cfg["eval_steps"])
     description = dict(collector="collect_datasets.py", level="waypoint controller", args=dataclasses.asdict(args),
                        gym_id=cfg["gym_id"], goals_reached=goals)
@@ -945,7 +989,26 @@ def build_maze(args: Args, maze: str) -> dict:
                          "BFS waypoint + PD controller, random goals", description, args.overwrite)
 
 
+# valid range of every numeric field (None: the default is used)
+RANGES = dict(num_steps="[1, inf)", seed="(-inf, inf)", medium_target="(-inf, inf)", expert_target="(-inf, inf)",
+              medium_max_steps="[1, inf)", expert_max_steps="[1, inf)", learning_starts="[0, inf)",
+              batch_size="[1, inf)", lr="(0, inf)", gamma="[0, 1]", tau="(0, 1]", eval_freq="[1, inf)",
+              eval_episodes="[1, inf)", checkpoint_freq="[1, inf)", log_freq="[1, inf)", maze_episode_len="[1, inf)",
+              torch_threads="[1, inf)")
+
+
+def writable_dir(path: str, flag: str):
+    """Create `path` if needed; one line when it cannot be written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise SystemExit(f"error: {flag} {path} is not writable ({e.strerror}); pass another one") from None
+
+
 def main(args: Args):
+    check_ranges(args, RANGES)
     if args.env_id not in DATASETS:
         raise SystemExit(f"error: unknown --env-id {args.env_id!r}; use one of {', '.join(DATASETS)}")
     if args.info:
@@ -959,6 +1022,10 @@ def main(args: Args):
         print(json.dumps({"dataset_id": dataset.spec.dataset_id, "source": source, **dataset_stats(dataset),
                           **{f"policy_{k}": policy[k] for k in ("return", "step", "cut") if k in policy}}))
         return
+    writable_dir(dataset_root(), "the Minari store ($MINARI_DATASETS_PATH)")
+    if args.env_id not in D4RL_DATASETS and not args.env_id.startswith("maze2d"):
+        writable_dir(args.work_dir, "--work-dir")
+        writable_dir(args.policy_dir, "--policy-dir")
     t0 = time.time()
     name, level = args.env_id.split("-", 1)
     if args.env_id in D4RL_DATASETS:
@@ -971,4 +1038,10 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli_args = tyro.cli(Args)
+    try:
+        main(cli_args)
+    except KeyboardInterrupt:
+        raise SystemExit(f"interrupted: nothing was written under {DATASETS.get(cli_args.env_id, cli_args.env_id)} "
+                         f"(datasets are renamed into place only when complete); a SAC run keeps its last checkpoint "
+                         f"in {cli_args.work_dir} and resumes from it") from None

@@ -45,11 +45,32 @@ class Args:
     """run nothing: tabulate the finished runs found under --runs-root (missing ones are left out)"""
 
 
+# SHARED BEGIN: validation
+def check_ranges(args, ranges: dict[str, str]):
+    """Stop with one line naming the first field outside its interval (e.g. `[1, inf)`, `(0, 1)`; every entry of a tuple
+    field); NaN never passes; None (a field still to be resolved from another) is skipped."""
+    for name, interval in ranges.items():
+        low, high = (float(b) for b in interval[1:-1].split(","))
+        value = getattr(args, name)
+        for v in (value if isinstance(value, (tuple, list)) else () if value is None else (value,)):
+            above = v >= low if interval[0] == "[" else v > low
+            below = v <= high if interval[-1] == "]" else v < high
+            if not (above and below):
+                raise SystemExit(f"error: --{name.replace('_', '-')} {value} is outside its valid range {interval}")
+
+
+# SHARED END: validation
+
+
+RANGES = dict(jobs="[1, inf)", seeds="(-inf, inf)")
+
+
 def finished(root: str) -> dict | None:
     """results.json of the run under `root`, or None if it has not finished."""
     paths = [os.path.join(root, d, "results.json") for d in os.listdir(root)] if os.path.isdir(root) else []
-    paths = [p for p in paths if os.path.isfile(p)]
-    return json.load(open(paths[0])) if paths else None
+    results = [json.load(open(p)) for p in paths if os.path.isfile(p)]
+    results = [r for r in results if r.get("status") != "failed"]
+    return results[0] if results else None
 
 
 def run(args: Args, script: str, variant: str, seed: int) -> dict:
@@ -74,6 +95,11 @@ def run(args: Args, script: str, variant: str, seed: int) -> dict:
 def main(args: Args):
     if "--" in sys.argv:
         args = dataclasses.replace(args, extra=tuple(sys.argv[sys.argv.index("--") + 1:]))
+    check_ranges(args, RANGES)
+    bad = [v for v in args.variants if v not in VARIANTS] + [s for s in args.scripts if s not in ("pgd_iql.py", "pgd_td3bc.py")]
+    if bad or not args.seeds:
+        raise SystemExit(f"error: {' '.join(bad) or '--seeds (none)'}: --variants take {', '.join(VARIANTS)}, "
+                         f"--scripts pgd_iql.py / pgd_td3bc.py, --seeds at least one")
     os.makedirs(args.runs_root, exist_ok=True)
     jobs = [(s, v, seed) for seed in args.seeds for s in args.scripts for v in args.variants]
     # the first diffusion run of each seed trains and caches that seed's diffuser; the others then load it

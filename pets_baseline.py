@@ -190,6 +190,25 @@ DATASETS = {
 }
 
 
+def minari_store() -> str:
+    """The local Minari store (`$MINARI_DATASETS_PATH`, else ~/.minari/datasets); one line when it cannot be made."""
+    from minari.storage.datasets_root_dir import get_dataset_path
+    try:
+        return str(get_dataset_path())
+    except OSError as e:
+        raise SystemExit(f"error: the Minari store {os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')} "
+                         f"cannot be created ({e.strerror}); set MINARI_DATASETS_PATH to a writable folder") from None
+
+
+def unreadable(dataset_id: str, e: BaseException) -> SystemExit:
+    """The one-line error for a local dataset whose files cannot be read (truncated, garbled, parts missing)."""
+    name = {v: k for k, v in DATASETS.items()}.get(dataset_id, dataset_id)
+    reason = (str(e).strip().splitlines() or [""])[0][:160]
+    return SystemExit(f"error: Minari dataset {dataset_id!r} in {os.path.join(minari_store(), dataset_id)} is "
+                      f"unreadable ({type(e).__name__}: {reason}); delete that folder and rebuild it with: "
+                      f"python collect_datasets.py --env-id {name}")
+
+
 def load_dataset(env_id: str):
     """The Minari dataset behind a name (`hopper-medium-replay`, `hopper-medium-replay-v2`) or a full Minari id:
     local store first, then Minari's remote store (not for D4RL imports); one line naming the command that makes it."""
@@ -197,8 +216,14 @@ def load_dataset(env_id: str):
     if env_id not in DATASETS and "/" not in env_id:
         raise SystemExit(f"error: unknown --env-id {env_id!r}; use one of {', '.join(DATASETS)} or a Minari id")
     dataset_id = DATASETS.get(env_id, env_id)
+    store = minari_store()
     if dataset_id in minari.list_local_datasets():
-        return minari.load_dataset(dataset_id)
+        try:
+            return minari.load_dataset(dataset_id)
+        except Exception as e:  # metadata present but unreadable
+            raise unreadable(dataset_id, e) from None
+    if os.path.isdir(os.path.join(store, dataset_id, "data")):  # a folder Minari does not list: data or metadata gone
+        raise unreadable(dataset_id, FileNotFoundError("no readable data/metadata.json or data file"))
     name = {v: k for k, v in DATASETS.items()}.get(dataset_id, env_id)
     if dataset_id in D4RL_DATASETS.values():
         raise SystemExit(f"error: D4RL dataset {name!r} is not imported yet; import it with: python collect_datasets.py "
@@ -220,7 +245,7 @@ def load_dataset(env_id: str):
 # SHARED END: dataset_ids
 
 
-# SHARED BEGIN: datasets
+# SHARED BEGIN: minari_episodes
 def flatten_obs(obs, space: gym.Space) -> np.ndarray:
     """Dict observations (PointMaze) -> one flat array, keys in the space's order; Box observations as they are."""
     if isinstance(space, gym.spaces.Dict):
@@ -231,7 +256,11 @@ def flatten_obs(obs, space: gym.Space) -> np.ndarray:
 def episodes_from_minari(dataset) -> list[dict]:
     """Each episode as float32 arrays: obs [T+1, obs_dim], actions [T, act_dim], rewards/terminals/timeouts [T]."""
     episodes = []
-    for ep in dataset.iterate_episodes():
+    try:
+        raw = list(dataset.iterate_episodes())
+    except (OSError, RuntimeError, KeyError, ValueError) as e:  # h5py: truncated or garbled file
+        raise unreadable(dataset.spec.dataset_id, e) from None
+    for ep in raw:
         e = dict(obs=flatten_obs(ep.observations, dataset.observation_space),
                  actions=np.asarray(ep.actions, dtype=np.float32).reshape(len(ep.actions), -1),
                  rewards=np.asarray(ep.rewards, dtype=np.float32),
@@ -245,6 +274,10 @@ def episodes_from_minari(dataset) -> list[dict]:
     return episodes
 
 
+# SHARED END: minari_episodes
+
+
+# SHARED BEGIN: datasets
 ACTION_CLIP = 1 - 1e-3  # actions are clipped to +-ACTION_CLIP before arctanh, so the diffused channel stays finite
 
 
@@ -719,7 +752,11 @@ def load_policy(path: str, device: torch.device = torch.device("cpu"), obs_dim: 
     Sampled actions and the actions given to log_prob_fn are clipped to +-ACTION_CLIP, the diffuser's convention."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: policy checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location=device)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: {path} is not a readable policy checkpoint ({type(e).__name__}); pass a policy.pt "
+                         f"written with --save-model or a collect_datasets.py policy") from None
     kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
     if kind not in ("iql_gaussian", "td3bc_deterministic", "sac_tanh_gaussian"):
         raise SystemExit(f"error: {path} is not a policy checkpoint (kind {kind!r}); pass a policy.pt written with "
@@ -1111,6 +1148,33 @@ RANGES = dict(torch_threads="[1, inf)", guidance_coefs="[0, inf)", sampler_steps
               num_trajectories="[1, inf)", rollout_length="[1, inf)", report_steps="[1, inf)", clip_tolerance="[0, inf)")
 
 
+# SHARED BEGIN: run_dirs
+def atomic_json(obj: dict, path: str):
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(f"{path}.tmp", path)
+
+
+def make_run_dir(args: Args) -> str:
+    """A new run dir `{env}__{exp}__{seed}__{time}`, with a `_k` suffix when runs started in the same second collide."""
+    name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    base = os.path.join(args.runs_root, name)
+    for k in range(1000):
+        run_dir = f"{base}_{k}" if k else base
+        try:
+            os.makedirs(run_dir, exist_ok=False)
+            return run_dir
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise SystemExit(f"error: cannot create run dir {run_dir} ({e.strerror}); "
+                             f"pass a writable --runs-root") from None
+    raise SystemExit(f"error: 1000 run dirs {base}_* exist already; pass another --runs-root")
+
+
+# SHARED END: run_dirs
+
+
 def main(args: Args) -> dict:
     check_ranges(args, RANGES)
     if not args.policy_checkpoints:
@@ -1143,12 +1207,8 @@ def main(args: Args) -> dict:
     if horizon and not 1 <= length <= horizon - 1:
         raise SystemExit(f"error: --rollout-length must be in [1, {horizon - 1}] (the sampled length - 1)")
 
-    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.runs_root, run_name)
-    try:
-        os.makedirs(run_dir, exist_ok=False)
-    except OSError as e:
-        raise SystemExit(f"error: cannot create run dir {run_dir} ({e.strerror}); pass a writable --runs-root") from None
+    run_dir = make_run_dir(args)
+    run_name = os.path.basename(run_dir)
     if args.track:
         import wandb
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
@@ -1169,12 +1229,17 @@ def main(args: Args) -> dict:
     if args.dynamics_checkpoint:
         if not os.path.isfile(args.dynamics_checkpoint):
             raise SystemExit(f"error: --dynamics-checkpoint {args.dynamics_checkpoint} does not exist")
-        saved = torch.load(args.dynamics_checkpoint, map_location=device)
-        c = saved["config"]
-        model = ProbabilisticEnsemble(obs_dim, act_dim, c["ensemble_size"], c["dynamics_hidden"], c["dynamics_layers"],
-                                      c["num_elites"]).to(device)
-        model.load_state_dict(saved["state_dict"])
-        dyn_info = dict(saved["info"], loaded_from=args.dynamics_checkpoint)
+        try:
+            saved = torch.load(args.dynamics_checkpoint, map_location=device, weights_only=True)
+            c = saved["config"]
+            model = ProbabilisticEnsemble(obs_dim, act_dim, c["ensemble_size"], c["dynamics_hidden"],
+                                          c["dynamics_layers"], c["num_elites"]).to(device)
+            model.load_state_dict(saved["state_dict"])
+            dyn_info = dict(saved["info"], loaded_from=args.dynamics_checkpoint)
+        except Exception as e:
+            raise SystemExit(f"error: --dynamics-checkpoint {args.dynamics_checkpoint} is not a dynamics model of "
+                             f"this dataset's shapes ({type(e).__name__}); pass the dynamics.pt of a pets_baseline.py "
+                             f"run on {dataset_id}, or leave the flag out to train one") from None
     else:
         model, dyn_info = train_ensemble(args, episodes, writer, device)
     config = {k: getattr(args, k) for k in ("ensemble_size", "num_elites", "dynamics_hidden", "dynamics_layers")}
@@ -1221,9 +1286,7 @@ def main(args: Args) -> dict:
                    policies=dict(zip(names, args.policy_checkpoints)), rollout_length=length, report_steps=steps,
                    dynamics=dyn_info, rows=rows, figures=[os.path.basename(f) for f in figures],
                    wall_time_s=time.time() - start, args=dataclasses.asdict(args))
-    with open(os.path.join(run_dir, "results.json.tmp"), "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(os.path.join(run_dir, "results.json.tmp"), os.path.join(run_dir, "results.json"))
+    atomic_json(summary, os.path.join(run_dir, "results.json"))
     writer.close()
     print(f"wrote table.csv, results.json and {len(figures)} figures to {run_dir} ({summary['wall_time_s']:.0f}s)")
     return summary

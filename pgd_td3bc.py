@@ -278,6 +278,25 @@ DATASETS = {
 }
 
 
+def minari_store() -> str:
+    """The local Minari store (`$MINARI_DATASETS_PATH`, else ~/.minari/datasets); one line when it cannot be made."""
+    from minari.storage.datasets_root_dir import get_dataset_path
+    try:
+        return str(get_dataset_path())
+    except OSError as e:
+        raise SystemExit(f"error: the Minari store {os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')} "
+                         f"cannot be created ({e.strerror}); set MINARI_DATASETS_PATH to a writable folder") from None
+
+
+def unreadable(dataset_id: str, e: BaseException) -> SystemExit:
+    """The one-line error for a local dataset whose files cannot be read (truncated, garbled, parts missing)."""
+    name = {v: k for k, v in DATASETS.items()}.get(dataset_id, dataset_id)
+    reason = (str(e).strip().splitlines() or [""])[0][:160]
+    return SystemExit(f"error: Minari dataset {dataset_id!r} in {os.path.join(minari_store(), dataset_id)} is "
+                      f"unreadable ({type(e).__name__}: {reason}); delete that folder and rebuild it with: "
+                      f"python collect_datasets.py --env-id {name}")
+
+
 def load_dataset(env_id: str):
     """The Minari dataset behind a name (`hopper-medium-replay`, `hopper-medium-replay-v2`) or a full Minari id:
     local store first, then Minari's remote store (not for D4RL imports); one line naming the command that makes it."""
@@ -285,8 +304,14 @@ def load_dataset(env_id: str):
     if env_id not in DATASETS and "/" not in env_id:
         raise SystemExit(f"error: unknown --env-id {env_id!r}; use one of {', '.join(DATASETS)} or a Minari id")
     dataset_id = DATASETS.get(env_id, env_id)
+    store = minari_store()
     if dataset_id in minari.list_local_datasets():
-        return minari.load_dataset(dataset_id)
+        try:
+            return minari.load_dataset(dataset_id)
+        except Exception as e:  # metadata present but unreadable
+            raise unreadable(dataset_id, e) from None
+    if os.path.isdir(os.path.join(store, dataset_id, "data")):  # a folder Minari does not list: data or metadata gone
+        raise unreadable(dataset_id, FileNotFoundError("no readable data/metadata.json or data file"))
     name = {v: k for k, v in DATASETS.items()}.get(dataset_id, env_id)
     if dataset_id in D4RL_DATASETS.values():
         raise SystemExit(f"error: D4RL dataset {name!r} is not imported yet; import it with: python collect_datasets.py "
@@ -308,7 +333,7 @@ def load_dataset(env_id: str):
 # SHARED END: dataset_ids
 
 
-# SHARED BEGIN: datasets
+# SHARED BEGIN: minari_episodes
 def flatten_obs(obs, space: gym.Space) -> np.ndarray:
     """Dict observations (PointMaze) -> one flat array, keys in the space's order; Box observations as they are."""
     if isinstance(space, gym.spaces.Dict):
@@ -319,7 +344,11 @@ def flatten_obs(obs, space: gym.Space) -> np.ndarray:
 def episodes_from_minari(dataset) -> list[dict]:
     """Each episode as float32 arrays: obs [T+1, obs_dim], actions [T, act_dim], rewards/terminals/timeouts [T]."""
     episodes = []
-    for ep in dataset.iterate_episodes():
+    try:
+        raw = list(dataset.iterate_episodes())
+    except (OSError, RuntimeError, KeyError, ValueError) as e:  # h5py: truncated or garbled file
+        raise unreadable(dataset.spec.dataset_id, e) from None
+    for ep in raw:
         e = dict(obs=flatten_obs(ep.observations, dataset.observation_space),
                  actions=np.asarray(ep.actions, dtype=np.float32).reshape(len(ep.actions), -1),
                  rewards=np.asarray(ep.rewards, dtype=np.float32),
@@ -333,6 +362,10 @@ def episodes_from_minari(dataset) -> list[dict]:
     return episodes
 
 
+# SHARED END: minari_episodes
+
+
+# SHARED BEGIN: datasets
 ACTION_CLIP = 1 - 1e-3  # actions are clipped to +-ACTION_CLIP before arctanh, so the diffused channel stays finite
 
 
@@ -928,20 +961,7 @@ def normalized_score(dataset, returns: np.ndarray) -> np.ndarray:
 # SHARED END: evaluation
 
 
-# SHARED BEGIN: main
-# valid range of every numeric field shared by the agent scripts (the agent's own are its AGENT_RANGES)
-RANGES = dict(horizon="[2, inf)", sample_horizon="[2, inf)", window_stride="[1, inf)", val_fraction="[0, 1)",
-              diffuser_channels="[1, inf)", diffuser_kernel_size="[1, inf)", diffuser_steps="[1, inf)",
-              diffuser_epochs="[0, inf)", diffuser_batch_size="[1, inf)", diffuser_lr="(0, inf)", diffuser_warmup="[0, 1]",
-              diffuser_warmup_start="[0, 1]", ema_decay="[0, 1)", ema_every="[1, inf)", sigma_data="(0, inf)",
-              P_mean="(-inf, inf)", P_std="(0, inf)", sampler_steps="[1, inf)", sigma_min="(0, inf)",
-              sigma_max="(0, inf)", rho="(0, inf)", S_churn="[0, inf)", S_tmin="[0, inf)", S_tmax="[0, inf)",
-              S_noise="(0, inf)", guidance_coef="[0, inf)", guidance_cosine="(-inf, inf)", sample_batch_size="[1, inf)",
-              total_steps="[1, inf)", batch_size="[1, inf)", synthetic_ratio="[0, 1]", num_synthetic="[1, inf)",
-              regenerate_every="[1, inf)", eval_every="[1, inf)", eval_episodes="[1, inf)", log_every="[1, inf)",
-              diffuser_mults="[1, inf)", checkpoint_every="[0, inf)")
-
-
+# SHARED BEGIN: run_dirs
 def atomic_json(obj: dict, path: str):
     with open(f"{path}.tmp", "w") as f:
         json.dump(obj, f, indent=1)
@@ -965,15 +985,33 @@ def make_run_dir(args: Args) -> str:
     raise SystemExit(f"error: 1000 run dirs {base}_* exist already; pass another --runs-root")
 
 
+# SHARED END: run_dirs
+
+
+# SHARED BEGIN: main
+# valid range of every numeric field shared by the agent scripts (the agent's own are its AGENT_RANGES)
+RANGES = dict(horizon="[2, inf)", sample_horizon="[2, inf)", window_stride="[1, inf)", val_fraction="[0, 1)",
+              diffuser_channels="[1, inf)", diffuser_kernel_size="[1, inf)", diffuser_steps="[1, inf)",
+              diffuser_epochs="[0, inf)", diffuser_batch_size="[1, inf)", diffuser_lr="(0, inf)", diffuser_warmup="[0, 1]",
+              diffuser_warmup_start="[0, 1]", ema_decay="[0, 1)", ema_every="[1, inf)", sigma_data="(0, inf)",
+              P_mean="(-inf, inf)", P_std="(0, inf)", sampler_steps="[1, inf)", sigma_min="(0, inf)",
+              sigma_max="(0, inf)", rho="(0, inf)", S_churn="[0, inf)", S_tmin="[0, inf)", S_tmax="[0, inf)",
+              S_noise="(0, inf)", guidance_coef="[0, inf)", guidance_cosine="(-inf, inf)", sample_batch_size="[1, inf)",
+              total_steps="[1, inf)", batch_size="[1, inf)", synthetic_ratio="[0, 1]", num_synthetic="[1, inf)",
+              regenerate_every="[1, inf)", eval_every="[1, inf)", eval_episodes="[1, inf)", log_every="[1, inf)",
+              diffuser_mults="[1, inf)", checkpoint_every="[0, inf)")
+
+
 def resumable_run(args: Args) -> tuple[Optional[str], Optional[dict]]:
     """The newest run dir of this env/exp/seed under --runs-root: (dir, its results.json if it finished), or
-    (None, None) when there is none to resume."""
+    (None, None) when there is none to resume (or the newest failed: a new run starts)."""
     prefix = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__"
     dirs = [os.path.join(args.runs_root, d) for d in os.listdir(args.runs_root) if d.startswith(prefix)] \
         if os.path.isdir(args.runs_root) else []
     for run_dir in sorted(dirs, key=os.path.getmtime, reverse=True):
         if os.path.isfile(os.path.join(run_dir, "results.json")):
-            return run_dir, json.load(open(os.path.join(run_dir, "results.json")))
+            results = json.load(open(os.path.join(run_dir, "results.json")))
+            return (None, None) if results.get("status") == "failed" else (run_dir, results)
         if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
             return run_dir, None
     return None, None
@@ -1017,13 +1055,39 @@ def main(args: Args):
         print(json.dumps(dataclasses.asdict(args)))
         return None
     dataset = load_dataset(args.env_id)
-    dataset_id = dataset.spec.dataset_id
+    episodes = episodes_from_minari(dataset)  # a broken dataset stops here, before any run dir exists
     run_dir, resumed = resumable_run(args) if args.resume else (None, None)
     if resumed is not None:
         print(f"{args.exp_name} {args.env_id} seed {args.seed}: finished already -> {run_dir}")
         return resumed
     ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt")) if run_dir else None
     run_dir = run_dir or make_run_dir(args)
+    import signal
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # before the agent loop: SIGTERM as Ctrl-C
+    try:
+        return train(args, dataset, episodes, run_dir, ckpt, run_start)
+    except KeyboardInterrupt:  # before the agent loop (which turns a stop signal into a checkpoint and a clean exit)
+        mark_failed(run_dir, "interrupted")
+        raise SystemExit(f"interrupted: run dir {run_dir} marked failed (results.json); no diffuser, checkpoint or "
+                         f"dataset was half-written") from None
+    except SystemExit as e:
+        if isinstance(e.code, str):  # an error after the run dir exists: mark it, keep any checkpoint
+            mark_failed(run_dir, e.code)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def mark_failed(run_dir: str, message: str):
+    """results.json of a run that failed: status, the error line, and the checkpoint it leaves (if any)."""
+    checkpoint = os.path.join(run_dir, "checkpoint.pt")
+    atomic_json(dict(status="failed", error=message, checkpoint=checkpoint if os.path.exists(checkpoint) else None),
+                os.path.join(run_dir, "results.json"))
+
+
+def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optional[dict], run_start: float) -> dict:
+    """Everything after the run dir exists: diffuser, agent training with regenerations, evaluation, results.json."""
+    dataset_id = dataset.spec.dataset_id
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     if args.track:
         import wandb
@@ -1040,7 +1104,6 @@ def main(args: Args):
     device = torch.device(args.device)
 
     # data: real transitions, and windows for the diffuser (validation split by episodes)
-    episodes = episodes_from_minari(dataset)
     rng = np.random.default_rng(args.seed)
     val_mask = rng.random(len(episodes)) < args.val_fraction
     if val_mask.all() or not val_mask.any():
@@ -1065,7 +1128,7 @@ def main(args: Args):
         denoiser, normalizer = get_diffuser(args, dataset_id, windows, val_windows, writer, device)
         sampler = GuidedEDMSampler(denoiser, normalizer, obs_dim, act_dim, **{k: getattr(args, k) for k in SAMPLER_FIELDS})
     if args.diffuser_only:
-        summary = dict(env_id=args.env_id, dataset_id=dataset_id, seed=args.seed, diffuser_only=True,
+        summary = dict(status="finished", env_id=args.env_id, dataset_id=dataset_id, seed=args.seed, diffuser_only=True,
                        wall_time_s=time.time() - run_start, args=dataclasses.asdict(args))
         atomic_json(summary, os.path.join(run_dir, "results.json"))
         writer.close()
@@ -1075,10 +1138,11 @@ def main(args: Args):
     torch.manual_seed(args.seed)  # the agent's randomness must not depend on whether the diffuser was trained or loaded
     agent = make_agent(args, act_dim, stats).to(device)
 
-    # a stop signal (SLURM preemption: SIGTERM / submitit's SIGUSR2) ends the run at the next step with a checkpoint
+    # a stop signal (SLURM preemption: SIGTERM / submitit's SIGUSR2; Ctrl-C) ends the run at the next step with a
+    # checkpoint
     import signal
     stop, handlers = [], {}
-    for sig in (signal.SIGTERM, signal.SIGUSR2):
+    for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
         handlers[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
     history, start, first_step, elapsed = [], time.time(), 1, 0.0
     if ckpt is not None:
@@ -1126,6 +1190,11 @@ def main(args: Args):
         losses = agent.update(batch)
 
         # TRY NOT TO MODIFY: logging and evaluation
+        if step % args.log_every == 0 or stop or (args.checkpoint_every and step % args.checkpoint_every == 0):
+            bad = {k: v.item() for k, v in losses.items() if not math.isfinite(v.item())}
+            if bad:  # never checkpoint a diverged agent: the last checkpoint stays the last good one
+                raise SystemExit(f"error: agent loss {', '.join(f'{k} = {v}' for k, v in bad.items())} at step {step}; "
+                                 f"lower --learning-rate (or check the data's rewards); run marked failed")
         if step % args.log_every == 0:
             for k, v in losses.items():
                 writer.add_scalar(k, v.item(), step)
@@ -1149,7 +1218,7 @@ def main(args: Args):
         signal.signal(sig, handler)
 
     best = max(history, key=lambda h: h["score_mean"])
-    summary = dict(env_id=args.env_id, dataset_id=dataset_id, exp_name=args.exp_name, seed=args.seed,
+    summary = dict(status="finished", env_id=args.env_id, dataset_id=dataset_id, exp_name=args.exp_name, seed=args.seed,
                    last_score=history[-1]["score_mean"], best_score=best["score_mean"], best_step=best["step"],
                    agent_time_s=elapsed + time.time() - start, wall_time_s=time.time() - run_start, history=history,
                    resumed_from_step=first_step - 1 if ckpt else None, args=dataclasses.asdict(args))

@@ -84,18 +84,30 @@ class Args:
     """flags passed to every run (or put them after `--`)"""
 
 
+# SHARED BEGIN: validation
+def check_ranges(args, ranges: dict[str, str]):
+    """Stop with one line naming the first field outside its interval (e.g. `[1, inf)`, `(0, 1)`; every entry of a tuple
+    field); NaN never passes; None (a field still to be resolved from another) is skipped."""
+    for name, interval in ranges.items():
+        low, high = (float(b) for b in interval[1:-1].split(","))
+        value = getattr(args, name)
+        for v in (value if isinstance(value, (tuple, list)) else () if value is None else (value,)):
+            above = v >= low if interval[0] == "[" else v > low
+            below = v <= high if interval[-1] == "]" else v < high
+            if not (above and below):
+                raise SystemExit(f"error: --{name.replace('_', '-')} {value} is outside its valid range {interval}")
+
+
+# SHARED END: validation
+
+
 RANGES = dict(checkpoint_every="[1, inf)", jobs="[1, inf)", gpus_per_node="[0, inf)",
               cpus_per_task="[1, inf)", mem_gb="[1, inf)", timeout_min="[1, inf)", array_parallelism="[1, inf)",
               bootstrap_reps="[1, inf)")
 
 
 def check_args(args: Args):
-    import math
-    for name, interval in RANGES.items():
-        low, high = (float(b) for b in interval[1:-1].split(","))
-        for v in np.atleast_1d(getattr(args, name)):
-            if not (low <= v <= high) or (interval[0] == "(" and v == low) or math.isnan(v):
-                raise SystemExit(f"error: --{name.replace('_', '-')} {v} is outside its valid range {interval}")
+    check_ranges(args, RANGES)
     for what, values, known in (("--scripts", args.scripts, ("pgd_iql.py", "pgd_td3bc.py")),
                                 ("--variants", args.variants, tuple(VARIANTS))):
         bad = [v for v in values if v not in known]
@@ -130,14 +142,16 @@ class Job:
 
 
 def result_of(root: str) -> Optional[dict]:
-    """results.json of the run under `root`, or None while it has not finished."""
+    """results.json of the run under `root`, or None while it has not finished (or has failed: it is run again)."""
     import json
     if not os.path.isdir(root):
         return None
     for d in sorted(os.listdir(root)):
         path = os.path.join(root, d, "results.json")
         if os.path.isfile(path):
-            return json.load(open(path))
+            results = json.load(open(path))
+            if results.get("status") != "failed":
+                return results
     return None
 
 

@@ -214,30 +214,6 @@ def check_ranges(args, ranges: dict[str, str]):
 
 
 # SHARED BEGIN: datasets
-def flatten_obs(obs, space: gym.Space) -> np.ndarray:
-    """Dict observations (PointMaze) -> one flat array, keys in the space's order; Box observations as they are."""
-    if isinstance(space, gym.spaces.Dict):
-        return np.concatenate([np.asarray(obs[k], dtype=np.float32).reshape(len(obs[k]), -1) for k in space.spaces], -1)
-    return np.asarray(obs, dtype=np.float32)
-
-
-def episodes_from_minari(dataset) -> list[dict]:
-    """Each episode as float32 arrays: obs [T+1, obs_dim], actions [T, act_dim], rewards/terminals/timeouts [T]."""
-    episodes = []
-    for ep in dataset.iterate_episodes():
-        e = dict(obs=flatten_obs(ep.observations, dataset.observation_space),
-                 actions=np.asarray(ep.actions, dtype=np.float32).reshape(len(ep.actions), -1),
-                 rewards=np.asarray(ep.rewards, dtype=np.float32),
-                 terminals=np.asarray(ep.terminations, dtype=np.float32),
-                 timeouts=np.asarray(ep.truncations, dtype=np.float32))
-        if not all(np.isfinite(v).all() for v in e.values()):
-            raise SystemExit(f"error: episode {ep.id} of {dataset.spec.dataset_id} has NaN/inf values; rebuild the dataset")
-        episodes.append(e)
-    if not episodes:
-        raise SystemExit(f"error: dataset {dataset.spec.dataset_id} has no episodes")
-    return episodes
-
-
 ACTION_CLIP = 1 - 1e-3  # actions are clipped to +-ACTION_CLIP before arctanh, so the diffused channel stays finite
 
 

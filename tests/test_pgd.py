@@ -467,8 +467,8 @@ def test_shared_blocks_have_not_drifted():
     import sync_shared
     assert sync_shared.drift() == []
     names = set(sync_shared.blocks(open(os.path.join(ROOT, "pgd_iql.py")).read()))
-    assert {"imports", "args", "config", "validation", "dataset_ids", "datasets", "diffuser", "sampler", "evaluation",
-            "main"} <= names
+    assert {"imports", "args", "config", "validation", "dataset_ids", "minari_episodes", "datasets", "diffuser", "sampler",
+            "evaluation", "main"} <= names
     assert names == set(sync_shared.blocks(open(os.path.join(ROOT, "pgd_td3bc.py")).read()))
     for script in ("collect_datasets.py", "pets_baseline.py"):  # the dataset table every script copies
         assert "dataset_ids" in sync_shared.blocks(open(os.path.join(ROOT, script)).read())
