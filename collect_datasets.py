@@ -1039,6 +1039,8 @@ def main(args: Args):
 
 if __name__ == "__main__":
     cli_args = tyro.cli(Args)
+    import signal
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM as Ctrl-C: the temporary dataset root is removed
     try:
         main(cli_args)
     except KeyboardInterrupt:

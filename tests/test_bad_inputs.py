@@ -158,3 +158,22 @@ def test_every_invalid_report_and_bench_flag_gives_one_line(module_name, args_cl
     with pytest.raises(SystemExit) as e:  # main() validates before it runs, writes or imports anything
         module.main(dataclasses.replace(cls(), **{name: value}))
     assert str(e.value.code).startswith(f"error: --{name.replace('_', '-')} ") and "\n" not in str(e.value.code)
+
+
+def test_sigterm_during_collection_keeps_the_sac_checkpoint_and_writes_no_dataset(minari_store, tmp_path):
+    flags = ["--env-id", "hopper-medium", "--work-dir", str(tmp_path / "work"), "--policy-dir", str(tmp_path / "pol"),
+             "--learning-starts", "100", "--checkpoint-freq", "200", "--eval-freq", "100000", "--medium-max-steps",
+             "100000", "--log-freq", "100000"]
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(minari_store), "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "collect_datasets.py"), *flags], env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    state = tmp_path / "work" / "hopper" / "sac_state.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not state.exists():
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    line = one_line(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    assert line.startswith("interrupted: nothing was written under mujoco/hopper/medium-v0") and "resumes" in line
+    assert torch.load(state, weights_only=False)["step"] >= 200  # the resumable SAC state is kept
+    assert not list(minari_store.rglob("*.hdf5")) and not [d for d in minari_store.iterdir() if d.name.startswith(".tmp")]
