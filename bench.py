@@ -19,7 +19,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import tyro
@@ -61,6 +61,8 @@ class BenchArgs:
     """timed agent updates per repeat"""
     seed: int = 0
     """seed of the random weights and inputs"""
+    only: tuple[Literal["sampler", "diffuser", "agents"], ...] = ()
+    """time only these parts (default: all three)"""
     profile: bool = False
     """instead of the table: where the time of the guided sampler goes (compiled unless --quick or --no-compile), by
     torch.profiler (top ops by self CPU time over 16 sampler steps)"""
@@ -144,33 +146,36 @@ def bench_sampler(b: BenchArgs, diffuser: dict, guided: bool, compiled: bool, de
                 eval_ms=t / (2 * b.sampler_steps - 1) * 1e3, compile_s=max(0.0, first - t) if compiled else None)
 
 
+class NoWriter:
+    """A stand-in for SummaryWriter: the benchmark keeps no logs."""
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+
 def bench_diffuser_training(b: BenchArgs, diffuser: dict, device: torch.device) -> dict:
-    """The step of train_diffuser: EDM loss, Adam, EMA update, at batch 64."""
+    """The scripts' own `train_diffuser` (EDM loss, fused Adam, warmup + cosine schedule, foreach EMA) for
+    --diffuser-train-steps steps at the script's batch size; the model build and one validation pass are included."""
     data_dim = b.obs_dim + b.act_dim + 2
-    args = make_args(pgd_iql, **diffuser, horizon=b.horizon, device=str(device))
-    torch.manual_seed(b.seed)
+    batch = 4 if b.quick else pgd_iql.Args.diffuser_batch_size
+    args = make_args(pgd_iql, **diffuser, horizon=b.horizon, device=str(device), diffuser_steps=b.diffuser_train_steps,
+                     diffuser_batch_size=batch)
     config = {k: getattr(args, k) for k in pgd_iql.DIFFUSER_FIELDS}
-    denoiser = pgd_iql.build_denoiser(config, data_dim).to(device)
-    ema = pgd_iql.build_denoiser(config, data_dim).to(device).requires_grad_(False)
-    optimizer = torch.optim.Adam(denoiser.parameters(), lr=args.diffuser_lr)
-    data = torch.randn(1024, b.horizon, data_dim, device=device)
-    batch = 4 if b.quick else args.diffuser_batch_size
+    windows = torch.randn(1024, b.horizon, data_dim).numpy()
+    quiet = functools.partial(pgd_iql.tqdm, disable=True)
 
     def steps():
-        for _ in range(b.diffuser_train_steps):
-            x = data[torch.randint(len(data), (batch,), device=device)]
-            loss = pgd_iql.edm_loss(denoiser, x, args.P_mean, args.P_std)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
-                    p_ema.lerp_(p, 1 - args.ema_decay)
+        torch.manual_seed(b.seed)
+        original, pgd_iql.tqdm = pgd_iql.tqdm, quiet
+        try:
+            pgd_iql.train_diffuser(config, windows, windows[:64], NoWriter(), device)
+        finally:
+            pgd_iql.tqdm = original
 
     steps()  # warm-up
     t = best_time(steps, b.repeats, device)
-    return dict(params=sum(p.numel() for p in denoiser.parameters()), steps_per_s=b.diffuser_train_steps / t,
-                batch=batch)
+    params = sum(p.numel() for p in pgd_iql.build_denoiser(config, data_dim).parameters())
+    return dict(params=params, steps_per_s=b.diffuser_train_steps / t, batch=batch)
 
 
 def bench_agent(module, b: BenchArgs, device: torch.device) -> dict:
@@ -242,10 +247,10 @@ def main(b: BenchArgs):
         return profile_sampler(dataclasses.replace(b, sampler_steps=min(b.sampler_steps, 16)), bench_diffuser,
                                compiled, device)
 
-    rows = []
+    rows, only = [], set(b.only or ("sampler", "diffuser", "agents"))
     # bf16 rows only where the script has the `sampler_bf16` option (float32 network otherwise)
     has_bf16 = "sampler_bf16" in {f.name for f in dataclasses.fields(pgd_iql.Args)}
-    variants = [(True, False), (False, False)] + ([(True, True)] if has_bf16 else [])
+    variants = ([(True, False), (False, False)] + ([(True, True)] if has_bf16 else [])) if "sampler" in only else []
     for guided, bf16 in variants:
         for mode in ("eager", "compiled"):
             name = f"sampler, {'guided' if guided else 'unguided'}, {mode}{', bf16 network' if bf16 else ''}"
@@ -260,13 +265,13 @@ def main(b: BenchArgs):
                 detail += f", compile {r['compile_s']:.0f} s"
             rows.append((name, f"{r['traj_per_s']:.3g} traj/s", detail))
             print(f"{name}: {rows[-1][1]}", flush=True)
-    for label, diffuser in (("CPU default", cpu_default), ("0.7M bench", bench_diffuser)):
+    for label, diffuser in (("CPU default", cpu_default), ("0.7M bench", bench_diffuser)) if "diffuser" in only else ():
         r = bench_diffuser_training(b, diffuser, device)
         rows.append((f"diffuser training, {label}", f"{r['steps_per_s']:.3g} steps/s",
                      f"{r['params'] / 1e6:.2f}M params, channels {diffuser['diffuser_channels']}, mults "
                      f"{tuple(diffuser['diffuser_mults'])}, kernel {diffuser['diffuser_kernel_size']}, batch {r['batch']}"))
         print(f"{rows[-1][0]}: {rows[-1][1]}", flush=True)
-    for label, module in (("IQL", pgd_iql), ("TD3+BC", pgd_td3bc)):
+    for label, module in (("IQL", pgd_iql), ("TD3+BC", pgd_td3bc)) if "agents" in only else ():
         if module is None:
             continue
         r = bench_agent(module, b, device)

@@ -1056,6 +1056,7 @@ def main(args: Args):
         return None
     dataset = load_dataset(args.env_id)
     episodes = episodes_from_minari(dataset)  # a broken dataset stops here, before any run dir exists
+    timing = dict(data_loading_s=time.time() - run_start)
     run_dir, resumed = resumable_run(args) if args.resume else (None, None)
     if resumed is not None:
         print(f"{args.exp_name} {args.env_id} seed {args.seed}: finished already -> {run_dir}")
@@ -1065,7 +1066,7 @@ def main(args: Args):
     import signal
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # before the agent loop: SIGTERM as Ctrl-C
     try:
-        return train(args, dataset, episodes, run_dir, ckpt, run_start)
+        return train(args, dataset, episodes, run_dir, ckpt, run_start, timing)
     except KeyboardInterrupt:  # before the agent loop (which turns a stop signal into a checkpoint and a clean exit)
         mark_failed(run_dir, "interrupted")
         raise SystemExit(f"interrupted: run dir {run_dir} marked failed (results.json); no diffuser, checkpoint or "
@@ -1085,8 +1086,10 @@ def mark_failed(run_dir: str, message: str):
                 os.path.join(run_dir, "results.json"))
 
 
-def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optional[dict], run_start: float) -> dict:
-    """Everything after the run dir exists: diffuser, agent training with regenerations, evaluation, results.json."""
+def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optional[dict], run_start: float,
+          timing: dict) -> dict:
+    """Everything after the run dir exists: diffuser, agent training with regenerations, evaluation, results.json.
+    `timing` collects where the wall time goes (written to results.json as `time_breakdown`)."""
     dataset_id = dataset.spec.dataset_id
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     if args.track:
@@ -1120,6 +1123,7 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optiona
     synthetic, sampler = None, None
     gen = torch.Generator().manual_seed(args.seed)
     n_synthetic = round(args.batch_size * args.synthetic_ratio)
+    t0 = time.time()
     if n_synthetic > 0 or args.diffuser_only:
         train_eps = [e for e, v in zip(episodes, val_mask) if not v]
         val_eps = [e for e, v in zip(episodes, val_mask) if v] or train_eps
@@ -1127,6 +1131,7 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optiona
         val_windows = make_windows(val_eps, args.horizon, args.window_stride) if val_mask.any() else windows
         denoiser, normalizer = get_diffuser(args, dataset_id, windows, val_windows, writer, device)
         sampler = GuidedEDMSampler(denoiser, normalizer, obs_dim, act_dim, **{k: getattr(args, k) for k in SAMPLER_FIELDS})
+    timing["diffuser_s"] = time.time() - t0  # trained, or loaded from the cache
     if args.diffuser_only:
         summary = dict(status="finished", env_id=args.env_id, dataset_id=dataset_id, seed=args.seed, diffuser_only=True,
                        wall_time_s=time.time() - run_start, args=dataclasses.asdict(args))
@@ -1154,14 +1159,19 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optiona
         if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         history, first_step, elapsed = ckpt["history"], ckpt["step"] + 1, ckpt["agent_time_s"]
+        timing.update({k: v for k, v in ckpt["timing"].items() if k not in ("data_loading_s", "diffuser_s")})
         print(f"resumed {run_dir} at step {first_step}")
 
     def save_checkpoint(step: int):
         atomic_torch_save(dict(step=step, agent=agent.state_dict(), training_state=training_state(agent),
                                synthetic=synthetic, generator=gen.get_state(), torch_rng=torch.get_rng_state(),
                                cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                               history=history, agent_time_s=elapsed + time.time() - start,
+                               history=history, agent_time_s=elapsed + time.time() - start, timing=timing,
                                args=dataclasses.asdict(args)), checkpoint_path)
+
+    for key in ("agent_updates_s", "evaluation_s"):
+        timing.setdefault(key, 0.0)
+    timing.setdefault("regenerations", [])
 
     # ALGO LOGIC: training loop
     bar = tqdm(range(first_step, args.total_steps + 1), desc="agent", mininterval=5, file=sys.stdout,
@@ -1179,15 +1189,19 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optiona
             writer.add_scalar("synthetic/terminal_rate", synthetic["dones"].mean().item(), step)
             writer.add_scalar("synthetic/reward_mean", synthetic["rewards"].mean().item(), step)
             writer.add_scalar("synthetic/guided", float(guided), step)
-            writer.add_scalar("synthetic/sample_time", time.time() - t0, step)
-            writer.add_scalar("synthetic/trajectories_per_second",
-                              args.num_synthetic / (args.sample_horizon - 1) / (time.time() - t0), step)
+            seconds, trajectories = time.time() - t0, math.ceil(args.num_synthetic / (args.sample_horizon - 1))
+            timing["regenerations"].append(dict(step=step, seconds=seconds, guided=guided, trajectories=trajectories,
+                                                trajectories_per_s=trajectories / seconds))
+            writer.add_scalar("synthetic/sample_time", seconds, step)
+            writer.add_scalar("synthetic/trajectories_per_second", trajectories / seconds, step)
+        t0 = time.time()
         idx = torch.randint(len(real["obs"]), (args.batch_size - n_synthetic,), device=device)
         batch = {k: v[idx] for k, v in real.items()}
         if n_synthetic > 0:
             sidx = torch.randint(len(synthetic["obs"]), (n_synthetic,), device=device)
             batch = {k: torch.cat([batch[k], synthetic[k][sidx]]) for k in batch}
         losses = agent.update(batch)
+        timing["agent_updates_s"] += time.time() - t0
 
         # TRY NOT TO MODIFY: logging and evaluation
         if step % args.log_every == 0 or stop or (args.checkpoint_every and step % args.checkpoint_every == 0):
@@ -1200,7 +1214,9 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optiona
                 writer.add_scalar(k, v.item(), step)
             writer.add_scalar("charts/SPS", int((step - first_step + 1) / (time.time() - start)), step)
         if step % args.eval_every == 0 or step == args.total_steps:
+            t0 = time.time()
             returns = evaluate(agent.act, dataset, args.eval_episodes, args.seed + 10_000, device)
+            timing["evaluation_s"] += time.time() - t0
             score = normalized_score(dataset, returns)
             history.append(dict(step=step, return_mean=float(returns.mean()), score_mean=float(score.mean()),
                                 score_std=float(score.std())))
@@ -1218,10 +1234,15 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optiona
         signal.signal(sig, handler)
 
     best = max(history, key=lambda h: h["score_mean"])
+    sampling = sum(r["seconds"] for r in timing["regenerations"])
+    time_breakdown = dict(**{k: v for k, v in timing.items() if k != "regenerations"}, sampling_s=sampling,
+                          updates_per_s=args.total_steps / max(timing["agent_updates_s"], 1e-9),
+                          regenerations=timing["regenerations"])
     summary = dict(status="finished", env_id=args.env_id, dataset_id=dataset_id, exp_name=args.exp_name, seed=args.seed,
                    last_score=history[-1]["score_mean"], best_score=best["score_mean"], best_step=best["step"],
                    agent_time_s=elapsed + time.time() - start, wall_time_s=time.time() - run_start, history=history,
-                   resumed_from_step=first_step - 1 if ckpt else None, args=dataclasses.asdict(args))
+                   resumed_from_step=first_step - 1 if ckpt else None, time_breakdown=time_breakdown,
+                   args=dataclasses.asdict(args))
     atomic_json(summary, os.path.join(run_dir, "results.json"))
     if os.path.exists(checkpoint_path):
         os.remove(checkpoint_path)  # results.json is the record now; the checkpoint (with its synthetic set) is not
@@ -1229,6 +1250,12 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optiona
         atomic_torch_save(agent.state_dict(), os.path.join(run_dir, "agent.pt"))
         atomic_torch_save(agent.policy_checkpoint(), os.path.join(run_dir, "policy.pt"))
     writer.close()
+    regen = timing["regenerations"]
+    print(f"time: data {timing['data_loading_s']:.0f}s, diffuser {timing['diffuser_s']:.0f}s, sampling {sampling:.0f}s "
+          f"({len(regen)} regenerations" + (f", {sum(r['trajectories'] for r in regen) / max(sampling, 1e-9):.1f} "
+                                             f"trajectories/s)" if regen else ")")
+          + f", agent updates {timing['agent_updates_s']:.0f}s ({time_breakdown['updates_per_s']:.0f} updates/s), "
+          f"evaluation {timing['evaluation_s']:.0f}s, wall {summary['wall_time_s']:.0f}s")
     print(f"{args.exp_name} {args.env_id} seed {args.seed}: last score {summary['last_score']:.1f}, "
           f"best {summary['best_score']:.1f} (step {best['step']}) -> {run_dir}")
     return summary

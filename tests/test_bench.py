@@ -29,3 +29,11 @@ def test_bench_profile_reports_convolution_share():
     share = float(re.search(r"convolutions (\d+)%", out.stdout).group(1))
     assert 0 < share <= 100  # the U-Net's convolutions are found among the profiled ops
     assert "| measurement | rate | details |" not in out.stdout  # --profile replaces the table
+
+
+def test_bench_only_times_the_chosen_parts():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--quick", "--only", "agents"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| agent updates, IQL |" in out.stdout and "| agent updates, TD3+BC |" in out.stdout
+    assert "| sampler" not in out.stdout and "| diffuser training" not in out.stdout

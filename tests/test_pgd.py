@@ -514,6 +514,13 @@ def test_end_to_end_tiny(script, variant, tiny_store, tmp_path):
     assert [h["step"] for h in res["history"]] == [100, 200]
     assert np.isfinite(res["last_score"]) and res["best_score"] >= res["last_score"]
     assert "last score" in p.stdout and any(f.startswith("events.out.tfevents") for f in os.listdir(run))
+    tb = res["time_breakdown"]  # where the wall time went
+    assert {"data_loading_s", "diffuser_s", "sampling_s", "agent_updates_s", "updates_per_s", "evaluation_s"} <= set(tb)
+    assert len(tb["regenerations"]) == (0 if variant[0] == "--synthetic-ratio" else 2)  # at steps 1 and 101
+    assert all(r["trajectories_per_s"] > 0 for r in tb["regenerations"]) and tb["updates_per_s"] > 0
+    assert sum(tb[k] for k in ("data_loading_s", "diffuser_s", "sampling_s", "agent_updates_s", "evaluation_s")) \
+        <= res["wall_time_s"] + 1e-6
+    assert "time: data" in p.stdout and "updates/s" in p.stdout
     has_diffuser = bool(list((tmp_path / "diffusers").glob("*.pt"))) if (tmp_path / "diffusers").exists() else False
     assert has_diffuser == (variant[0] != "--synthetic-ratio")
     if "--save-model" in variant:
