@@ -603,6 +603,7 @@ def maze_rollouts(args: Args, maze: str, num_steps: int):
                     pass
                 u.goal = u.add_xy_position_noise(goal)
                 u.update_target_site_pos()
+                obs["desired_goal"] = u.goal.copy()  # the stored observation shows the goal the next step is scored on
             if total >= num_steps and not (term or trunc):
                 trunc = tr[-1] = True
             if term or trunc:

@@ -953,17 +953,27 @@ VELOCITY_CLIP = {"HalfCheetahEnv": None, "HopperEnv": 10.0, "Walker2dEnv": 10.0}
 
 
 class SimulatorProbe:
-    """Ground-truth one-step dynamics from observations of a MuJoCo locomotion env (obs = qpos[1:] + qvel, velocities
+    """Ground-truth one-step dynamics from observations. MuJoCo locomotion envs (obs = qpos[1:] + qvel, velocities
     clipped to +-10 for Hopper/Walker2d): the state is set with rootx = 0 (the dynamics do not depend on it), the env
-    stepped with the action, and its next observation and reward returned. States with an observed velocity at the
-    clip are flagged: their true velocity is unknown, so their error is not counted."""
+    stepped with the action, and its next observation and reward returned; states with an observed velocity at the
+    clip are flagged: their true velocity is unknown, so their error is not counted. PointMaze (flat obs = achieved
+    goal, desired goal, [x, y, vx, vy] in the Dict space's key order): qpos = (x, y), qvel = (vx, vy) and the goal set
+    from the row; nothing is lost in its observation, so no state is flagged."""
 
     def __init__(self, env: gym.Env, clip_tolerance: float = 1e-3):
         import mujoco
         self.mujoco, self.env, self.u = mujoco, env, env.unwrapped
         name = type(self.u).__name__
+        self.maze = name == "PointMazeEnv"
+        if self.maze:
+            env.reset(seed=0)  # the maze env steps only after a reset
+            self.keys = list(env.observation_space.spaces)
+            self.sizes = [env.observation_space[k].shape[0] for k in self.keys]
+            self.obs_dim, self.clip, self.tol = sum(self.sizes), None, clip_tolerance
+            return
         if name not in VELOCITY_CLIP:
-            raise SystemExit(f"error: the dynamics probe supports {', '.join(VELOCITY_CLIP)}, not {name}")
+            raise SystemExit(f"error: the dynamics probe supports {', '.join(VELOCITY_CLIP)} and PointMazeEnv, "
+                             f"not {name}")
         self.nq, self.nv = self.u.model.nq, self.u.model.nv
         self.obs_dim, self.clip, self.tol = self.nq - 1 + self.nv, VELOCITY_CLIP[name], clip_tolerance
 
@@ -979,6 +989,15 @@ class SimulatorProbe:
         valid = ~self.flagged(obs) & np.isfinite(obs).all(-1) & np.isfinite(actions).all(-1)
         next_obs, rewards = np.full(obs.shape, np.nan), np.full(len(obs), np.nan)
         for i in np.flatnonzero(valid):
+            if self.maze:
+                parts = dict(zip(self.keys, np.split(obs[i], np.cumsum(self.sizes)[:-1])))
+                point = self.u.point_env
+                self.mujoco.mj_resetData(point.model, point.data)
+                point.set_state(parts["observation"][:2], parts["observation"][2:4])
+                self.u.goal = parts["desired_goal"].copy()
+                nxt, rewards[i], *_ = self.u.step(np.clip(actions[i], -1, 1))
+                next_obs[i] = np.concatenate([np.asarray(nxt[k], np.float64).reshape(-1) for k in self.keys])
+                continue
             self.mujoco.mj_resetData(self.u.model, self.u.data)  # no warm start carried over from another state
             self.u.set_state(np.concatenate([[0.0], obs[i, :self.nq - 1]]), obs[i, self.nq - 1:])
             next_obs[i], rewards[i], *_ = self.u.step(np.clip(actions[i], -1, 1))
@@ -1189,7 +1208,7 @@ def main(args: Args) -> dict:
     obs_dim, act_dim = episodes[0]["obs"].shape[1], episodes[0]["actions"].shape[1]
     probe = SimulatorProbe(dataset.recover_environment(), args.clip_tolerance)
     if probe.obs_dim != obs_dim:
-        raise SystemExit(f"error: {dataset_id} has {obs_dim} obs dims, its env's qpos[1:] + qvel has {probe.obs_dim}")
+        raise SystemExit(f"error: {dataset_id} has {obs_dim} obs dims, its env's state gives {probe.obs_dim}")
     device = torch.device(args.device)
     names = policy_names(args)
     policies = [load_policy(p, device, obs_dim, act_dim) for p in args.policy_checkpoints]

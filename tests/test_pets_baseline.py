@@ -295,3 +295,24 @@ def test_bad_inputs_give_clear_errors(store, tmp_path):
 def test_every_invalid_numeric_field_gives_one_line(data):
     assert_invalid_value_gives_one_line(pb, pb.RANGES, data.draw, st)
     pb.check_ranges(pb.Args(), pb.RANGES)  # the defaults are valid
+
+
+def test_probe_reproduces_pointmaze_transitions(minari_store, tmp_path):
+    """The probe on PointMaze (maze2d): qpos/qvel/goal set from the flat observation; real transitions come back."""
+    import collect_datasets as cd
+    cd.main(cd.Args(env_id="maze2d-umaze", num_steps=600, maze_episode_len=300, work_dir=str(tmp_path / "w"),
+                    policy_dir=str(tmp_path / "p")))
+    dataset = pb.load_dataset("maze2d-umaze")
+    tr = pb.transitions_from_episodes(pb.episodes_from_minari(dataset))
+    probe = pb.SimulatorProbe(dataset.recover_environment())
+    assert probe.obs_dim == tr["obs"].shape[1] == 8
+    next_obs, rewards, valid = probe.step(tr["obs"], tr["actions"])
+    assert valid.all()
+    state = [0, 1, 4, 5, 6, 7]  # achieved goal and [x, y, vx, vy]; channels 2:4 are the desired goal
+    assert np.abs(next_obs[:, state] - tr["next_obs"][:, state]).max() < 1e-5
+    kept = (tr["next_obs"][:, 2:4] == tr["obs"][:, 2:4]).all(1)  # the collector replaces a reached goal
+    assert 0 < (~kept).sum() < 0.1 * len(kept)
+    assert np.abs(next_obs[kept, 2:4] - tr["next_obs"][kept, 2:4]).max() < 1e-6
+    assert np.abs(rewards - tr["rewards"]).max() < 1e-6
+    other, _, _ = probe.step(tr["obs"][:50], np.clip(tr["actions"][:50] * -1, -1, 1))
+    assert np.abs(other[:, 4:6] - tr["next_obs"][:50, 4:6]).max() > 1e-3  # another action, another position
