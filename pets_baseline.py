@@ -23,7 +23,6 @@ Blocks between `# SHARED BEGIN: x` and `# SHARED END: x` are copied word for wor
 """
 # SHARED BEGIN: imports
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -281,55 +280,11 @@ def episodes_from_minari(dataset) -> list[dict]:
 ACTION_CLIP = 1 - 1e-3  # actions are clipped to +-ACTION_CLIP before arctanh, so the diffused channel stays finite
 
 
-def make_windows(episodes: list[dict], horizon: int, stride: int) -> np.ndarray:
-    """Sub-trajectory windows [N, horizon, obs_dim + act_dim + 2] of rows [obs_t, arctanh(a_t), r_t, terminal_t].
-
-    Windows never cross an episode end. A window may end on a terminal (that last row still makes a transition, its
-    next state being irrelevant); windows whose last row is a timeout are dropped (that row's successor is unknown).
-    Terminated episodes always contribute the window that ends on the terminal."""
-    windows = []
-    for e in episodes:
-        T = len(e["actions"])
-        if T < horizon:
-            continue
-        rows = np.concatenate([e["obs"][:T], np.arctanh(np.clip(e["actions"], -ACTION_CLIP, ACTION_CLIP)),
-                               e["rewards"][:, None], e["terminals"][:, None]], 1)
-        starts = list(range(0, T - horizon + 1, stride))
-        if e["terminals"][-1] and starts[-1] != T - horizon:
-            starts.append(T - horizon)
-        if e["timeouts"][-1] and starts[-1] == T - horizon:
-            starts.pop()
-        windows += [rows[s:s + horizon] for s in starts]
-    if not windows:
-        raise SystemExit(f"error: no episode is at least --horizon {horizon} steps long; lower --horizon")
-    return np.stack(windows).astype(np.float32)
-
-
 def transitions_from_episodes(episodes: list[dict]) -> dict[str, np.ndarray]:
     """All real transitions (s, a, r, s', done) of the dataset."""
     cat = lambda key: np.concatenate([e[key] for e in episodes])  # noqa: E731
     return dict(obs=np.concatenate([e["obs"][:-1] for e in episodes]), actions=cat("actions"), rewards=cat("rewards"),
                 next_obs=np.concatenate([e["obs"][1:] for e in episodes]), dones=cat("terminals"))
-
-
-def transitions_from_windows(x: torch.Tensor, obs_dim: int, act_dim: int, terminal_aware: bool = True
-                             ) -> dict[str, torch.Tensor]:
-    """Unnormalised windows [N, H, obs+act+2] -> transitions (s_t, a_t, r_t, s_{t+1}, d_t), d_t = terminal_t > 0.5.
-
-    Rows t < H-1 take s' from row t+1. `terminal_aware`: the last row counts only if it is terminal, and a row after
-    the first terminal of a window is not part of the trajectory and is dropped; otherwise every row but the last
-    (H-1 transitions per window, the official code's conversion)."""
-    obs, pre_act = x[..., :obs_dim], x[..., obs_dim:obs_dim + act_dim]
-    rewards, dones = x[..., -2], (x[..., -1] > 0.5).float()
-    if terminal_aware:
-        keep = (dones.cumsum(1) - dones) == 0
-        keep[:, -1] &= dones[:, -1] > 0
-    else:
-        keep = torch.ones_like(dones, dtype=torch.bool)
-        keep[:, -1] = False
-    next_obs = torch.cat([obs[:, 1:], obs[:, -1:]], 1)  # the last row's successor is never used (terminal or dropped)
-    return dict(obs=obs[keep], actions=torch.tanh(pre_act[keep]), rewards=rewards[keep], next_obs=next_obs[keep],
-                dones=dones[keep])
 
 
 class Normalizer(nn.Module):
@@ -353,6 +308,7 @@ class Normalizer(nn.Module):
 
 
 # SHARED END: datasets
+
 
 # SHARED BEGIN: diffuser
 class SigmaEmbedding(nn.Module):
@@ -509,6 +465,8 @@ DIFFUSER_FIELDS = ("horizon", "window_stride", "val_fraction", "unet", "diffuser
                    "diffuser_kernel_size", "diffuser_steps", "diffuser_epochs", "diffuser_batch_size", "diffuser_lr",
                    "diffuser_warmup", "diffuser_warmup_start", "ema_decay", "ema_every", "sigma_data", "P_mean", "P_std",
                    "seed")
+
+
 UNETS = {"residual": TemporalUNet, "plain": PlainUNet}
 
 
@@ -530,55 +488,10 @@ def atomic_torch_save(obj, path: str):
             os.remove(tmp)
 
 
-def train_diffuser(config: dict, windows: np.ndarray, val_windows: np.ndarray, writer: SummaryWriter,
-                   device: torch.device) -> tuple[EDMDenoiser, Normalizer]:
-    """EDM training with Adam (linear warmup from diffuser_warmup_start x the peak, then cosine decay to 0) as `config`
-    (the DIFFUSER_FIELDS of Args) says; returns the EMA denoiser and the normaliser."""
-    normalizer = Normalizer.fit(windows).to(device)
-    data = normalizer.normalize(torch.as_tensor(windows, device=device))
-    val = normalizer.normalize(torch.as_tensor(val_windows, device=device))[:1024]
-    gen = torch.Generator(device=device).manual_seed(config["seed"])
-    val_noise = torch.randn(val.shape, generator=gen, device=device)
-    val_rnd = torch.randn(val.shape[0], generator=gen, device=device)
-    denoiser = build_denoiser(config, data.shape[-1]).to(device)
-    ema = build_denoiser(config, data.shape[-1]).to(device).requires_grad_(False)
-    ema.load_state_dict(denoiser.state_dict())
-    optimizer = torch.optim.Adam(denoiser.parameters(), lr=config["diffuser_lr"], fused=device.type in ("cpu", "cuda"))
-    ema_params, params = list(ema.parameters()), list(denoiser.parameters())
-    batch_size, P_mean, P_std = config["diffuser_batch_size"], config["P_mean"], config["P_std"]
-    total = config["diffuser_epochs"] * max(1, len(data) // batch_size) or config["diffuser_steps"]
-    warmup, start_lr = max(1, round(config["diffuser_warmup"] * total)), config["diffuser_warmup_start"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (
-        start_lr + (1 - start_lr) * min(1.0, (s + 1) / warmup)) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, total - warmup)))))
-    print(f"training diffuser: {sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M params, "
-          f"{len(data)} windows of {tuple(data.shape[1:])}, {total} steps")
-    start = time.time()
-    bar = tqdm(range(total), desc="diffuser", mininterval=5, file=sys.stdout)
-    for step in bar:
-        x0 = data[torch.randint(len(data), (batch_size,), generator=gen, device=device)]
-        loss = edm_loss(denoiser, x0, P_mean, P_std, noise=torch.randn(x0.shape, generator=gen, device=device),
-                        rnd_normal=torch.randn(batch_size, generator=gen, device=device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if (step + 1) % config["ema_every"] == 0:
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, params, 1 - config["ema_decay"])
-        if step % 500 == 0 or step == total - 1:
-            loss = loss.item()
-            if not math.isfinite(loss):
-                raise SystemExit(f"error: diffusion loss is {loss} at step {step}; lower --diffuser-lr")
-            with torch.no_grad():
-                val_loss = edm_loss(ema, val, P_mean, P_std, noise=val_noise, rnd_normal=val_rnd).item()
-            writer.add_scalar("diffusion/train_loss", loss, step)
-            writer.add_scalar("diffusion/val_loss", val_loss, step)
-            writer.add_scalar("diffusion/SPS", (step + 1) / (time.time() - start), step)
-            bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}")
-    return ema, normalizer
+# SHARED END: diffuser
 
 
+# SHARED BEGIN: diffuser_loading
 def load_diffuser(path: str, device: torch.device) -> tuple[EDMDenoiser, Normalizer, dict]:
     """A checkpoint as written by get_diffuser: dict(ema, mean, std, config, data_dim, dataset_id)."""
     if not os.path.isfile(path):
@@ -593,31 +506,8 @@ def load_diffuser(path: str, device: torch.device) -> tuple[EDMDenoiser, Normali
     return denoiser.requires_grad_(False), Normalizer(ckpt["mean"], ckpt["std"]).to(device), ckpt
 
 
-def get_diffuser(args: Args, dataset_id: str, windows: np.ndarray, val_windows: np.ndarray, writer: SummaryWriter,
-                 device: torch.device) -> tuple[EDMDenoiser, Normalizer]:
-    """Load the diffuser from --diffuser-checkpoint or the cache, else train it and cache it (atomically). The cache key
-    covers the dataset's content (its training windows), so a dataset rebuilt under the same id is never served a stale
-    diffuser."""
-    config = {k: getattr(args, k) for k in DIFFUSER_FIELDS}
-    content = hashlib.sha1(np.ascontiguousarray(windows).tobytes()).hexdigest()
-    key = hashlib.sha1(json.dumps([dataset_id, config, content], sort_keys=True).encode()).hexdigest()[:10]
-    path = args.diffuser_checkpoint or os.path.join(
-        args.diffuser_cache_dir, f"{dataset_id.replace('/', '_')}__{key}__seed{args.seed}.pt")
-    if args.diffuser_checkpoint or os.path.isfile(path):
-        denoiser, normalizer, ckpt = load_diffuser(path, device)
-        if ckpt["data_dim"] != windows.shape[-1]:
-            raise SystemExit(f"error: diffuser {path} models {ckpt['data_dim']} channels, dataset {dataset_id} has "
-                             f"{windows.shape[-1]}; pass the checkpoint of this dataset")
-        print(f"loaded diffuser {path}")
-        return denoiser, normalizer
-    denoiser, normalizer = train_diffuser(config, windows, val_windows, writer, device)
-    atomic_torch_save(dict(ema=denoiser.state_dict(), mean=normalizer.mean, std=normalizer.std, config=config,
-                           data_dim=windows.shape[-1], dataset_id=dataset_id), path)
-    print(f"saved diffuser {path}")
-    return denoiser, normalizer
+# SHARED END: diffuser_loading
 
-
-# SHARED END: diffuser
 
 # SHARED BEGIN: sampler
 def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
@@ -716,25 +606,6 @@ class GuidedEDMSampler(nn.Module):
             last = i == self.num_steps - 1  # the cheap last step runs eagerly: one compiled graph per guidance function
             x = (self.step if last else self.step_fn)(x, t[i], t[i + 1], gammas[i], lambdas[i], noise, log_prob_fn, last)
         return x
-
-
-def generate_synthetic(sampler: GuidedEDMSampler, num_transitions: int, horizon: int, batch_size: int,
-                       generator: torch.Generator, log_prob_fn: Optional[Callable] = None, coef: float = 0.0,
-                       terminal_aware: bool = True) -> dict[str, torch.Tensor]:
-    """Sample trajectories of `horizon` rows until `num_transitions` transitions are collected; returns them (env units)
-    on the device."""
-    chunks, count = [], 0
-    bar = tqdm(total=num_transitions, desc="sampling", mininterval=5, file=sys.stdout, leave=False)
-    while count < num_transitions:
-        x = sampler.normalizer.unnormalize(sampler(batch_size, horizon, generator, log_prob_fn, coef))
-        chunk = transitions_from_windows(x, sampler.obs_dim, sampler.act_dim, terminal_aware)
-        if not all(torch.isfinite(v).all() for v in chunk.values()):
-            raise SystemExit("error: the sampler produced NaN/inf; lower --guidance-coef or retrain the diffuser")
-        chunks.append(chunk)
-        count += len(chunk["obs"])
-        bar.update(len(chunk["obs"]))
-    bar.close()
-    return {k: torch.cat([c[k] for c in chunks])[:num_transitions] for k in chunks[0]}
 
 
 # SHARED END: sampler

@@ -14,7 +14,6 @@ kept word for word identical across the scripts (a test checks it).
 """
 # SHARED BEGIN: imports
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -369,6 +368,37 @@ def episodes_from_minari(dataset) -> list[dict]:
 ACTION_CLIP = 1 - 1e-3  # actions are clipped to +-ACTION_CLIP before arctanh, so the diffused channel stays finite
 
 
+def transitions_from_episodes(episodes: list[dict]) -> dict[str, np.ndarray]:
+    """All real transitions (s, a, r, s', done) of the dataset."""
+    cat = lambda key: np.concatenate([e[key] for e in episodes])  # noqa: E731
+    return dict(obs=np.concatenate([e["obs"][:-1] for e in episodes]), actions=cat("actions"), rewards=cat("rewards"),
+                next_obs=np.concatenate([e["obs"][1:] for e in episodes]), dones=cat("terminals"))
+
+
+class Normalizer(nn.Module):
+    """Per-channel z-scoring of the diffused windows."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    @classmethod
+    def fit(cls, windows: np.ndarray) -> "Normalizer":
+        flat = torch.as_tensor(windows).reshape(-1, windows.shape[-1])
+        return cls(flat.mean(0), flat.std(0).clamp(min=1e-3))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std + self.mean
+
+
+# SHARED END: datasets
+
+
+# SHARED BEGIN: windows
 def make_windows(episodes: list[dict], horizon: int, stride: int) -> np.ndarray:
     """Sub-trajectory windows [N, horizon, obs_dim + act_dim + 2] of rows [obs_t, arctanh(a_t), r_t, terminal_t].
 
@@ -393,54 +423,7 @@ def make_windows(episodes: list[dict], horizon: int, stride: int) -> np.ndarray:
     return np.stack(windows).astype(np.float32)
 
 
-def transitions_from_episodes(episodes: list[dict]) -> dict[str, np.ndarray]:
-    """All real transitions (s, a, r, s', done) of the dataset."""
-    cat = lambda key: np.concatenate([e[key] for e in episodes])  # noqa: E731
-    return dict(obs=np.concatenate([e["obs"][:-1] for e in episodes]), actions=cat("actions"), rewards=cat("rewards"),
-                next_obs=np.concatenate([e["obs"][1:] for e in episodes]), dones=cat("terminals"))
-
-
-def transitions_from_windows(x: torch.Tensor, obs_dim: int, act_dim: int, terminal_aware: bool = True
-                             ) -> dict[str, torch.Tensor]:
-    """Unnormalised windows [N, H, obs+act+2] -> transitions (s_t, a_t, r_t, s_{t+1}, d_t), d_t = terminal_t > 0.5.
-
-    Rows t < H-1 take s' from row t+1. `terminal_aware`: the last row counts only if it is terminal, and a row after
-    the first terminal of a window is not part of the trajectory and is dropped; otherwise every row but the last
-    (H-1 transitions per window, the official code's conversion)."""
-    obs, pre_act = x[..., :obs_dim], x[..., obs_dim:obs_dim + act_dim]
-    rewards, dones = x[..., -2], (x[..., -1] > 0.5).float()
-    if terminal_aware:
-        keep = (dones.cumsum(1) - dones) == 0
-        keep[:, -1] &= dones[:, -1] > 0
-    else:
-        keep = torch.ones_like(dones, dtype=torch.bool)
-        keep[:, -1] = False
-    next_obs = torch.cat([obs[:, 1:], obs[:, -1:]], 1)  # the last row's successor is never used (terminal or dropped)
-    return dict(obs=obs[keep], actions=torch.tanh(pre_act[keep]), rewards=rewards[keep], next_obs=next_obs[keep],
-                dones=dones[keep])
-
-
-class Normalizer(nn.Module):
-    """Per-channel z-scoring of the diffused windows."""
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
-        super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-
-    @classmethod
-    def fit(cls, windows: np.ndarray) -> "Normalizer":
-        flat = torch.as_tensor(windows).reshape(-1, windows.shape[-1])
-        return cls(flat.mean(0), flat.std(0).clamp(min=1e-3))
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-    def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.std + self.mean
-
-
-# SHARED END: datasets
+# SHARED END: windows
 
 
 # SHARED BEGIN: diffuser
@@ -598,6 +581,8 @@ DIFFUSER_FIELDS = ("horizon", "window_stride", "val_fraction", "unet", "diffuser
                    "diffuser_kernel_size", "diffuser_steps", "diffuser_epochs", "diffuser_batch_size", "diffuser_lr",
                    "diffuser_warmup", "diffuser_warmup_start", "ema_decay", "ema_every", "sigma_data", "P_mean", "P_std",
                    "seed")
+
+
 UNETS = {"residual": TemporalUNet, "plain": PlainUNet}
 
 
@@ -619,6 +604,10 @@ def atomic_torch_save(obj, path: str):
             os.remove(tmp)
 
 
+# SHARED END: diffuser
+
+
+# SHARED BEGIN: diffuser_training
 def train_diffuser(config: dict, windows: np.ndarray, val_windows: np.ndarray, writer: SummaryWriter,
                    device: torch.device) -> tuple[EDMDenoiser, Normalizer]:
     """EDM training with Adam (linear warmup from diffuser_warmup_start x the peak, then cosine decay to 0) as `config`
@@ -668,6 +657,10 @@ def train_diffuser(config: dict, windows: np.ndarray, val_windows: np.ndarray, w
     return ema, normalizer
 
 
+# SHARED END: diffuser_training
+
+
+# SHARED BEGIN: diffuser_loading
 def load_diffuser(path: str, device: torch.device) -> tuple[EDMDenoiser, Normalizer, dict]:
     """A checkpoint as written by get_diffuser: dict(ema, mean, std, config, data_dim, dataset_id)."""
     if not os.path.isfile(path):
@@ -682,12 +675,17 @@ def load_diffuser(path: str, device: torch.device) -> tuple[EDMDenoiser, Normali
     return denoiser.requires_grad_(False), Normalizer(ckpt["mean"], ckpt["std"]).to(device), ckpt
 
 
+# SHARED END: diffuser_loading
+
+
+# SHARED BEGIN: diffuser_cache
 def get_diffuser(args: Args, dataset_id: str, windows: np.ndarray, val_windows: np.ndarray, writer: SummaryWriter,
                  device: torch.device) -> tuple[EDMDenoiser, Normalizer]:
     """Load the diffuser from --diffuser-checkpoint or the cache, else train it and cache it (atomically). The cache key
     covers the dataset's content (its training windows), so a dataset rebuilt under the same id is never served a stale
     diffuser."""
     config = {k: getattr(args, k) for k in DIFFUSER_FIELDS}
+    import hashlib
     content = hashlib.sha1(np.ascontiguousarray(windows).tobytes()).hexdigest()
     key = hashlib.sha1(json.dumps([dataset_id, config, content], sort_keys=True).encode()).hexdigest()[:10]
     path = args.diffuser_checkpoint or os.path.join(
@@ -706,7 +704,7 @@ def get_diffuser(args: Args, dataset_id: str, windows: np.ndarray, val_windows: 
     return denoiser, normalizer
 
 
-# SHARED END: diffuser
+# SHARED END: diffuser_cache
 
 
 # SHARED BEGIN: sampler
@@ -808,6 +806,30 @@ class GuidedEDMSampler(nn.Module):
         return x
 
 
+# SHARED END: sampler
+
+
+# SHARED BEGIN: synthetic
+def transitions_from_windows(x: torch.Tensor, obs_dim: int, act_dim: int, terminal_aware: bool = True
+                             ) -> dict[str, torch.Tensor]:
+    """Unnormalised windows [N, H, obs+act+2] -> transitions (s_t, a_t, r_t, s_{t+1}, d_t), d_t = terminal_t > 0.5.
+
+    Rows t < H-1 take s' from row t+1. `terminal_aware`: the last row counts only if it is terminal, and a row after
+    the first terminal of a window is not part of the trajectory and is dropped; otherwise every row but the last
+    (H-1 transitions per window, the official code's conversion)."""
+    obs, pre_act = x[..., :obs_dim], x[..., obs_dim:obs_dim + act_dim]
+    rewards, dones = x[..., -2], (x[..., -1] > 0.5).float()
+    if terminal_aware:
+        keep = (dones.cumsum(1) - dones) == 0
+        keep[:, -1] &= dones[:, -1] > 0
+    else:
+        keep = torch.ones_like(dones, dtype=torch.bool)
+        keep[:, -1] = False
+    next_obs = torch.cat([obs[:, 1:], obs[:, -1:]], 1)  # the last row's successor is never used (terminal or dropped)
+    return dict(obs=obs[keep], actions=torch.tanh(pre_act[keep]), rewards=rewards[keep], next_obs=next_obs[keep],
+                dones=dones[keep])
+
+
 def generate_synthetic(sampler: GuidedEDMSampler, num_transitions: int, horizon: int, batch_size: int,
                        generator: torch.Generator, log_prob_fn: Optional[Callable] = None, coef: float = 0.0,
                        terminal_aware: bool = True) -> dict[str, torch.Tensor]:
@@ -827,7 +849,7 @@ def generate_synthetic(sampler: GuidedEDMSampler, num_transitions: int, horizon:
     return {k: torch.cat([c[k] for c in chunks])[:num_transitions] for k in chunks[0]}
 
 
-# SHARED END: sampler
+# SHARED END: synthetic
 
 
 # ALGO LOGIC: TD3+BC (Fujimoto & Gu, 2021)

@@ -22,7 +22,6 @@ Blocks between `# SHARED BEGIN: x` and `# SHARED END: x` are word for word those
 """
 # SHARED BEGIN: imports
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -217,6 +216,37 @@ def check_ranges(args, ranges: dict[str, str]):
 ACTION_CLIP = 1 - 1e-3  # actions are clipped to +-ACTION_CLIP before arctanh, so the diffused channel stays finite
 
 
+def transitions_from_episodes(episodes: list[dict]) -> dict[str, np.ndarray]:
+    """All real transitions (s, a, r, s', done) of the dataset."""
+    cat = lambda key: np.concatenate([e[key] for e in episodes])  # noqa: E731
+    return dict(obs=np.concatenate([e["obs"][:-1] for e in episodes]), actions=cat("actions"), rewards=cat("rewards"),
+                next_obs=np.concatenate([e["obs"][1:] for e in episodes]), dones=cat("terminals"))
+
+
+class Normalizer(nn.Module):
+    """Per-channel z-scoring of the diffused windows."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    @classmethod
+    def fit(cls, windows: np.ndarray) -> "Normalizer":
+        flat = torch.as_tensor(windows).reshape(-1, windows.shape[-1])
+        return cls(flat.mean(0), flat.std(0).clamp(min=1e-3))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std + self.mean
+
+
+# SHARED END: datasets
+
+
+# SHARED BEGIN: windows
 def make_windows(episodes: list[dict], horizon: int, stride: int) -> np.ndarray:
     """Sub-trajectory windows [N, horizon, obs_dim + act_dim + 2] of rows [obs_t, arctanh(a_t), r_t, terminal_t].
 
@@ -241,54 +271,7 @@ def make_windows(episodes: list[dict], horizon: int, stride: int) -> np.ndarray:
     return np.stack(windows).astype(np.float32)
 
 
-def transitions_from_episodes(episodes: list[dict]) -> dict[str, np.ndarray]:
-    """All real transitions (s, a, r, s', done) of the dataset."""
-    cat = lambda key: np.concatenate([e[key] for e in episodes])  # noqa: E731
-    return dict(obs=np.concatenate([e["obs"][:-1] for e in episodes]), actions=cat("actions"), rewards=cat("rewards"),
-                next_obs=np.concatenate([e["obs"][1:] for e in episodes]), dones=cat("terminals"))
-
-
-def transitions_from_windows(x: torch.Tensor, obs_dim: int, act_dim: int, terminal_aware: bool = True
-                             ) -> dict[str, torch.Tensor]:
-    """Unnormalised windows [N, H, obs+act+2] -> transitions (s_t, a_t, r_t, s_{t+1}, d_t), d_t = terminal_t > 0.5.
-
-    Rows t < H-1 take s' from row t+1. `terminal_aware`: the last row counts only if it is terminal, and a row after
-    the first terminal of a window is not part of the trajectory and is dropped; otherwise every row but the last
-    (H-1 transitions per window, the official code's conversion)."""
-    obs, pre_act = x[..., :obs_dim], x[..., obs_dim:obs_dim + act_dim]
-    rewards, dones = x[..., -2], (x[..., -1] > 0.5).float()
-    if terminal_aware:
-        keep = (dones.cumsum(1) - dones) == 0
-        keep[:, -1] &= dones[:, -1] > 0
-    else:
-        keep = torch.ones_like(dones, dtype=torch.bool)
-        keep[:, -1] = False
-    next_obs = torch.cat([obs[:, 1:], obs[:, -1:]], 1)  # the last row's successor is never used (terminal or dropped)
-    return dict(obs=obs[keep], actions=torch.tanh(pre_act[keep]), rewards=rewards[keep], next_obs=next_obs[keep],
-                dones=dones[keep])
-
-
-class Normalizer(nn.Module):
-    """Per-channel z-scoring of the diffused windows."""
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
-        super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-
-    @classmethod
-    def fit(cls, windows: np.ndarray) -> "Normalizer":
-        flat = torch.as_tensor(windows).reshape(-1, windows.shape[-1])
-        return cls(flat.mean(0), flat.std(0).clamp(min=1e-3))
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-    def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.std + self.mean
-
-
-# SHARED END: datasets
+# SHARED END: windows
 
 
 # SHARED BEGIN: diffuser
@@ -446,6 +429,8 @@ DIFFUSER_FIELDS = ("horizon", "window_stride", "val_fraction", "unet", "diffuser
                    "diffuser_kernel_size", "diffuser_steps", "diffuser_epochs", "diffuser_batch_size", "diffuser_lr",
                    "diffuser_warmup", "diffuser_warmup_start", "ema_decay", "ema_every", "sigma_data", "P_mean", "P_std",
                    "seed")
+
+
 UNETS = {"residual": TemporalUNet, "plain": PlainUNet}
 
 
@@ -467,6 +452,10 @@ def atomic_torch_save(obj, path: str):
             os.remove(tmp)
 
 
+# SHARED END: diffuser
+
+
+# SHARED BEGIN: diffuser_training
 def train_diffuser(config: dict, windows: np.ndarray, val_windows: np.ndarray, writer: SummaryWriter,
                    device: torch.device) -> tuple[EDMDenoiser, Normalizer]:
     """EDM training with Adam (linear warmup from diffuser_warmup_start x the peak, then cosine decay to 0) as `config`
@@ -516,45 +505,7 @@ def train_diffuser(config: dict, windows: np.ndarray, val_windows: np.ndarray, w
     return ema, normalizer
 
 
-def load_diffuser(path: str, device: torch.device) -> tuple[EDMDenoiser, Normalizer, dict]:
-    """A checkpoint as written by get_diffuser: dict(ema, mean, std, config, data_dim, dataset_id)."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --diffuser-checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        denoiser = build_denoiser(ckpt["config"], ckpt["data_dim"]).to(device)
-        denoiser.load_state_dict(ckpt["ema"])
-    except Exception as e:  # garbage, truncated, or another script's checkpoint
-        raise SystemExit(f"error: {path} is not a readable diffuser checkpoint of this harness ({type(e).__name__}); "
-                         f"delete it and train again, or pass another --diffuser-checkpoint") from None
-    return denoiser.requires_grad_(False), Normalizer(ckpt["mean"], ckpt["std"]).to(device), ckpt
-
-
-def get_diffuser(args: Args, dataset_id: str, windows: np.ndarray, val_windows: np.ndarray, writer: SummaryWriter,
-                 device: torch.device) -> tuple[EDMDenoiser, Normalizer]:
-    """Load the diffuser from --diffuser-checkpoint or the cache, else train it and cache it (atomically). The cache key
-    covers the dataset's content (its training windows), so a dataset rebuilt under the same id is never served a stale
-    diffuser."""
-    config = {k: getattr(args, k) for k in DIFFUSER_FIELDS}
-    content = hashlib.sha1(np.ascontiguousarray(windows).tobytes()).hexdigest()
-    key = hashlib.sha1(json.dumps([dataset_id, config, content], sort_keys=True).encode()).hexdigest()[:10]
-    path = args.diffuser_checkpoint or os.path.join(
-        args.diffuser_cache_dir, f"{dataset_id.replace('/', '_')}__{key}__seed{args.seed}.pt")
-    if args.diffuser_checkpoint or os.path.isfile(path):
-        denoiser, normalizer, ckpt = load_diffuser(path, device)
-        if ckpt["data_dim"] != windows.shape[-1]:
-            raise SystemExit(f"error: diffuser {path} models {ckpt['data_dim']} channels, dataset {dataset_id} has "
-                             f"{windows.shape[-1]}; pass the checkpoint of this dataset")
-        print(f"loaded diffuser {path}")
-        return denoiser, normalizer
-    denoiser, normalizer = train_diffuser(config, windows, val_windows, writer, device)
-    atomic_torch_save(dict(ema=denoiser.state_dict(), mean=normalizer.mean, std=normalizer.std, config=config,
-                           data_dim=windows.shape[-1], dataset_id=dataset_id), path)
-    print(f"saved diffuser {path}")
-    return denoiser, normalizer
-
-
-# SHARED END: diffuser
+# SHARED END: diffuser_training
 
 
 # SHARED BEGIN: sampler
@@ -654,25 +605,6 @@ class GuidedEDMSampler(nn.Module):
             last = i == self.num_steps - 1  # the cheap last step runs eagerly: one compiled graph per guidance function
             x = (self.step if last else self.step_fn)(x, t[i], t[i + 1], gammas[i], lambdas[i], noise, log_prob_fn, last)
         return x
-
-
-def generate_synthetic(sampler: GuidedEDMSampler, num_transitions: int, horizon: int, batch_size: int,
-                       generator: torch.Generator, log_prob_fn: Optional[Callable] = None, coef: float = 0.0,
-                       terminal_aware: bool = True) -> dict[str, torch.Tensor]:
-    """Sample trajectories of `horizon` rows until `num_transitions` transitions are collected; returns them (env units)
-    on the device."""
-    chunks, count = [], 0
-    bar = tqdm(total=num_transitions, desc="sampling", mininterval=5, file=sys.stdout, leave=False)
-    while count < num_transitions:
-        x = sampler.normalizer.unnormalize(sampler(batch_size, horizon, generator, log_prob_fn, coef))
-        chunk = transitions_from_windows(x, sampler.obs_dim, sampler.act_dim, terminal_aware)
-        if not all(torch.isfinite(v).all() for v in chunk.values()):
-            raise SystemExit("error: the sampler produced NaN/inf; lower --guidance-coef or retrain the diffuser")
-        chunks.append(chunk)
-        count += len(chunk["obs"])
-        bar.update(len(chunk["obs"]))
-    bar.close()
-    return {k: torch.cat([c[k] for c in chunks])[:num_transitions] for k in chunks[0]}
 
 
 # SHARED END: sampler

@@ -135,7 +135,7 @@ def test_interrupt_during_diffuser_training_marks_the_run_and_writes_no_cache(ti
     while time.time() < deadline and not list((tmp_path / "runs").glob("*/events.out.tfevents*")):
         time.sleep(0.1)
     time.sleep(3)  # inside the diffuser's training loop
-    p.send_signal(signal.SIGINT)
+    p.send_signal(signal.SIGTERM)  # (SIGINT would do the same, but a shell that starts jobs in the background ignores it)
     out, err = p.communicate(timeout=120)
     result = subprocess.CompletedProcess(p.args, p.returncode, out, err)
     assert "interrupted: run dir" in one_line(result)

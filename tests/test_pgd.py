@@ -467,11 +467,18 @@ def test_shared_blocks_have_not_drifted():
     import sync_shared
     assert sync_shared.drift() == []
     names = set(sync_shared.blocks(open(os.path.join(ROOT, "pgd_iql.py")).read()))
-    assert {"imports", "args", "config", "validation", "dataset_ids", "minari_episodes", "datasets", "diffuser", "sampler",
-            "evaluation", "main"} <= names
+    assert {"imports", "args", "config", "validation", "dataset_ids", "minari_episodes", "datasets", "windows", "diffuser",
+            "diffuser_training", "diffuser_loading", "diffuser_cache", "sampler", "synthetic", "evaluation", "run_dirs",
+            "main"} <= names
     assert names == set(sync_shared.blocks(open(os.path.join(ROOT, "pgd_td3bc.py")).read()))
     for script in ("collect_datasets.py", "pets_baseline.py"):  # the dataset table every script copies
         assert "dataset_ids" in sync_shared.blocks(open(os.path.join(ROOT, script)).read())
+    # no script carries shared code it never calls: toy2d trains but never loads or caches a diffuser, pets_baseline
+    # loads but never trains one; neither makes an agent's synthetic set
+    toy = set(sync_shared.blocks(open(os.path.join(ROOT, "toy2d.py")).read()))
+    pets = set(sync_shared.blocks(open(os.path.join(ROOT, "pets_baseline.py")).read()))
+    assert {"diffuser_training", "windows"} <= toy and not {"diffuser_loading", "diffuser_cache", "synthetic"} & toy
+    assert "diffuser_loading" in pets and not {"diffuser_training", "windows", "diffuser_cache", "synthetic"} & pets
 
 
 # ---------------------------------------------------------------- end to end (tiny local Minari dataset)
