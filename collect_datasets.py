@@ -661,7 +661,7 @@ def read_d4rl_file(path: str, obs_dim: int, act_dim: int, maze: bool) -> dict:
                   **{"infos/goal": (n, 2)})
     for k in ("rewards", "terminals", "timeouts"):
         if k in data:
-            data[k] = data[k].reshape(len(data[k]), -1)[:, 0] if data[k].ndim == 2 and data[k].shape[1] == 1 else data[k]
+            data[k] = data[k][:, 0] if data[k].ndim == 2 and data[k].shape[1] == 1 else data[k]  # (n, 1) -> (n,)
             shapes[k] = (n,)
     for k, shape in shapes.items():
         if k in data and data[k].shape != shape:
@@ -697,17 +697,22 @@ def d4rl_maze_to_gym(maze: str, xy: np.ndarray, velocity: bool = False) -> np.nd
     velocities and forces (`velocity=True`) only the rotation applies."""
     if velocity:
         return np.stack([xy[..., 1], -xy[..., 0]], -1)
-    from gymnasium_robotics.envs.maze import maps
-    grid = {"umaze": maps.U_MAZE, "medium": maps.MEDIUM_MAZE, "large": maps.LARGE_MAZE}[maze]
+    grid = maze_grid(maze)
     rows, cols = len(grid), len(grid[0])
     row, col = xy[..., 0] + D4RL_PARTICLE_OFFSET, xy[..., 1] + D4RL_PARTICLE_OFFSET
     return np.stack([col + 0.5 - cols / 2, rows / 2 - row - 0.5], -1)
 
 
+def maze_grid(maze: str) -> list:
+    """gymnasium-robotics' cell map of a maze (a copy: 1 wall, 0 free)."""
+    from gymnasium_robotics.envs.maze import maps
+    return [list(r) for r in {"umaze": maps.U_MAZE, "medium": maps.MEDIUM_MAZE, "large": maps.LARGE_MAZE}[maze]]
+
+
 def d4rl_maze_map(maze: str) -> list:
     """gymnasium-robotics' map of the maze with D4RL's goal cell marked, so the eval env's goal is D4RL's."""
     from gymnasium_robotics.envs.maze import maps
-    grid = [list(r) for r in {"umaze": maps.U_MAZE, "medium": maps.MEDIUM_MAZE, "large": maps.LARGE_MAZE}[maze]]
+    grid = maze_grid(maze)
     i, j = D4RL_MAZE_GOAL[maze]
     grid[i][j] = maps.GOAL
     return grid
@@ -734,7 +739,8 @@ def d4rl_episodes(data: dict, maze: Optional[str] = None):
         return {"achieved_goal": pos, "desired_goal": goals, "observation": np.concatenate([pos, vel], 1)}
 
     episodes, dropped, mismatched = [], 0, 0
-    for start, end, how in d4rl_segments(data["terminals"], data["timeouts"]):
+    segments = d4rl_segments(data["terminals"], data["timeouts"])
+    for start, end, how in segments:
         last = end  # last transition kept
         if nxt is not None:
             successor = nxt[end]
@@ -754,7 +760,7 @@ def d4rl_episodes(data: dict, maze: Optional[str] = None):
         episodes.append(EpisodeBuffer(id=len(episodes), observations=rows_to_obs(raw, goals),
                                       actions=actions[start:last + 1], rewards=data["rewards"][start:last + 1]
                                       .astype(np.float64), terminations=terminations, truncations=truncations))
-    kinds = [how for _, _, how in d4rl_segments(data["terminals"], data["timeouts"])]
+    kinds = [how for _, _, how in segments]
     info = dict(rows=n, episodes=len(episodes), terminal_episodes=kinds.count("terminal"),
                 timeout_episodes=kinds.count("timeout"), trailing_partial_episode=kinds[-1] == "partial",
                 dropped_one_row_episodes=dropped, next_observations_in_file=nxt is not None,

@@ -1085,11 +1085,21 @@ def main(args: Args):
         return resumed
     ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt")) if run_dir else None
     run_dir = run_dir or make_run_dir(args)
+    # stop signals (Ctrl-C; SIGTERM, and submitit's SIGUSR2, before a SLURM preemption): before the agent loop they
+    # interrupt like Ctrl-C; once train() arms `stop`, they are recorded and the loop ends at the next step with a
+    # checkpoint
     import signal
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # before the agent loop: SIGTERM as Ctrl-C
+    stop = dict(armed=False, signals=[])
+
+    def on_stop(signum, frame):
+        if not stop["armed"]:
+            raise KeyboardInterrupt
+        stop["signals"].append(signum)
+
+    previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
     try:
-        return train(args, dataset, episodes, run_dir, ckpt, run_start, timing)
-    except KeyboardInterrupt:  # before the agent loop (which turns a stop signal into a checkpoint and a clean exit)
+        return train(args, dataset, episodes, run_dir, ckpt, run_start, timing, stop)
+    except KeyboardInterrupt:
         mark_failed(run_dir, "interrupted")
         raise SystemExit(f"interrupted: run dir {run_dir} marked failed (results.json); no diffuser, checkpoint or "
                          f"dataset was half-written") from None
@@ -1098,7 +1108,8 @@ def main(args: Args):
             mark_failed(run_dir, e.code)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def mark_failed(run_dir: str, message: str):
@@ -1109,9 +1120,10 @@ def mark_failed(run_dir: str, message: str):
 
 
 def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optional[dict], run_start: float,
-          timing: dict) -> dict:
+          timing: dict, stop: dict) -> dict:
     """Everything after the run dir exists: diffuser, agent training with regenerations, evaluation, results.json.
-    `timing` collects where the wall time goes (written to results.json as `time_breakdown`)."""
+    `timing` collects where the wall time goes (written to results.json as `time_breakdown`); `stop` is main()'s
+    record of stop signals, armed for the agent loop."""
     dataset_id = dataset.spec.dataset_id
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     if args.track:
@@ -1165,12 +1177,6 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optiona
     torch.manual_seed(args.seed)  # the agent's randomness must not depend on whether the diffuser was trained or loaded
     agent = make_agent(args, act_dim, stats).to(device)
 
-    # a stop signal (SLURM preemption: SIGTERM / submitit's SIGUSR2; Ctrl-C) ends the run at the next step with a
-    # checkpoint
-    import signal
-    stop, handlers = [], {}
-    for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
-        handlers[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
     history, start, first_step, elapsed = [], time.time(), 1, 0.0
     if ckpt is not None:
         agent.load_state_dict(ckpt["agent"])
@@ -1196,6 +1202,7 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optiona
     timing.setdefault("regenerations", [])
 
     # ALGO LOGIC: training loop
+    stop["armed"] = True
     bar = tqdm(range(first_step, args.total_steps + 1), desc="agent", mininterval=5, file=sys.stdout,
                initial=first_step - 1, total=args.total_steps)
     for step in bar:
@@ -1226,15 +1233,18 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optiona
         timing["agent_updates_s"] += time.time() - t0
 
         # TRY NOT TO MODIFY: logging and evaluation
-        if step % args.log_every == 0 or stop or (args.checkpoint_every and step % args.checkpoint_every == 0):
-            bad = {k: v.item() for k, v in losses.items() if not math.isfinite(v.item())}
+        checkpoint_now = bool(stop["signals"]) or (args.checkpoint_every and step % args.checkpoint_every == 0
+                                                    and step < args.total_steps)
+        if step % args.log_every == 0 or checkpoint_now:
+            values = {k: v.item() for k, v in losses.items()}  # the loop's only host syncs, every --log-every steps
+            bad = {k: v for k, v in values.items() if not math.isfinite(v)}
             if bad:  # never checkpoint a diverged agent: the last checkpoint stays the last good one
                 raise SystemExit(f"error: agent loss {', '.join(f'{k} = {v}' for k, v in bad.items())} at step {step}; "
                                  f"lower --learning-rate (or check the data's rewards); run marked failed")
-        if step % args.log_every == 0:
-            for k, v in losses.items():
-                writer.add_scalar(k, v.item(), step)
-            writer.add_scalar("charts/SPS", int((step - first_step + 1) / (time.time() - start)), step)
+            if step % args.log_every == 0:
+                for k, v in values.items():
+                    writer.add_scalar(k, v, step)
+                writer.add_scalar("charts/SPS", int((step - first_step + 1) / (time.time() - start)), step)
         if step % args.eval_every == 0 or step == args.total_steps:
             t0 = time.time()
             returns = evaluate(agent.act, dataset, args.eval_episodes, args.seed + 10_000, device)
@@ -1246,14 +1256,14 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optiona
             writer.add_scalar("eval/normalized_score", score.mean(), step)
             bar.set_postfix(score=f"{score.mean():.1f}")
             print(f"step {step}: return {returns.mean():.1f}, normalized score {score.mean():.1f} +- {score.std():.1f}")
-        if stop or (args.checkpoint_every and step % args.checkpoint_every == 0 and step < args.total_steps):
+        if checkpoint_now:
             save_checkpoint(step)
-        if stop:
+        if stop["signals"]:
             writer.close()
-            print(f"stopped by signal {stop[0]} after step {step}: checkpoint {checkpoint_path}; continue with --resume")
-            sys.exit(128 + stop[0])
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
+            signum = stop["signals"][0]
+            print(f"stopped by signal {signum} after step {step}: checkpoint {checkpoint_path}; continue with --resume")
+            sys.exit(128 + signum)
+    stop["armed"] = False
 
     best = max(history, key=lambda h: h["score_mean"])
     sampling = sum(r["seconds"] for r in timing["regenerations"])

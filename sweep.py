@@ -22,17 +22,24 @@ stratified-bootstrap confidence intervals).
 """
 import csv
 import dataclasses
+import json
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+import matplotlib
 import numpy as np
 import submitit
 import tyro
 
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
 VARIANTS = {"real": ["--synthetic-ratio", "0"], "unguided": ["--guidance-coef", "0"], "guided": []}
+COLORS = {"real": "tab:gray", "unguided": "tab:blue", "guided": "tab:red"}  # of the variants in the figures
 # the paper's locomotion grid: 3 MuJoCo envs x 4 D4RL levels (import them with collect_datasets.py)
 PAPER_DATASETS = tuple(f"{env}-{level}-v2" for env in ("halfcheetah", "hopper", "walker2d")
                        for level in ("random", "medium", "medium-replay", "medium-expert"))
@@ -143,7 +150,6 @@ class Job:
 
 def result_of(root: str) -> Optional[dict]:
     """results.json of the run under `root`, or None while it has not finished (or has failed: it is run again)."""
-    import json
     if not os.path.isdir(root):
         return None
     for d in sorted(os.listdir(root)):
@@ -173,7 +179,6 @@ class RunCommand(submitit.helpers.Checkpointable):
         self.threads = threads
 
     def __call__(self, cmd: list[str], log_path: str) -> int:
-        import subprocess
         env = {**os.environ, **({"OMP_NUM_THREADS": str(self.threads)} if self.threads else {})}
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         with open(log_path, "a") as log:
@@ -290,11 +295,7 @@ def per_seed_means(args: Args, rows: list[dict], script: str, variant: str) -> n
 
 
 def figure4(args: Args, rows: list[dict], path: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     scripts = [s[:-3] for s in args.scripts]
-    colors = {"real": "tab:gray", "unguided": "tab:blue", "guided": "tab:red"}
     fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(scripts), 3.2))
     width = 0.8 / len(args.variants)
     for i, s in enumerate(scripts):
@@ -304,7 +305,7 @@ def figure4(args: Args, rows: list[dict], path: str):
             if len(complete):
                 mean, se = mean_se(complete)
                 ax.bar(i + (j - (len(args.variants) - 1) / 2) * width, mean, width, yerr=se, capsize=3,
-                       color=colors.get(v, "tab:green"), label=v if i == 0 else None)
+                       color=COLORS[v], label=v if i == 0 else None)
     ax.set_xticks(range(len(scripts)), [s.replace("pgd_", "").upper().replace("TD3BC", "TD3+BC") for s in scripts])
     ax.set_ylabel("mean normalised score")
     ax.set_title(f"{len(args.env_ids)} dataset(s), {len(args.seeds)} seed(s): mean +- s.e. over seeds", fontsize=8)
@@ -335,13 +336,10 @@ def iqm(args: Args, rows: list[dict], md_path: str, png_path: str) -> str:
         lines.append(f"| {k} | {100 * point[k][0]:.1f} | [{100 * ci[k][0, 0]:.1f}, {100 * ci[k][1, 0]:.1f}] | "
                      f"{len(scores[k])} |")
     text = "\n".join(lines)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 0.9 + 0.35 * len(scores)))
     for y, k in enumerate(scores):
-        ax.plot([100 * ci[k][0, 0], 100 * ci[k][1, 0]], [y, y], lw=6, alpha=0.5, color="tab:red" if "guided" in k
-                and "unguided" not in k else "tab:blue" if "unguided" in k else "tab:gray")
+        ax.plot([100 * ci[k][0, 0], 100 * ci[k][1, 0]], [y, y], lw=6, alpha=0.5,
+                color=COLORS[k.rsplit(" ", 1)[1]])
         ax.plot(100 * point[k][0], y, "k|", ms=12)
     ax.set_yticks(range(len(scores)), list(scores))
     ax.invert_yaxis()

@@ -751,9 +751,14 @@ class WorldModel(nn.Module):
 
 # ALGO LOGIC: metrics of synthetic trajectories against the true dynamics and the target policy
 @torch.no_grad()
+def one_step_errors(obs: torch.Tensor, actions: torch.Tensor, args: Args) -> torch.Tensor:
+    """One-step dynamics error ||s_{t+1} - f(s_t, a_t)|| of each trajectory and step: [N, T]."""
+    return (obs[:, 1:] - true_dynamics(obs[:, :-1], actions, args)).norm(dim=-1)
+
+
 def step_errors(obs: torch.Tensor, actions: torch.Tensor, args: Args) -> torch.Tensor:
-    """One-step dynamics error ||s_{t+1} - f(s_t, a_t)|| of each step t, averaged over trajectories: [T]."""
-    return (obs[:, 1:] - true_dynamics(obs[:, :-1], actions, args)).norm(dim=-1).mean(0)
+    """One-step dynamics error of each step t, averaged over trajectories: [T]."""
+    return one_step_errors(obs, actions, args).mean(0)
 
 
 @torch.no_grad()
@@ -763,7 +768,7 @@ def trajectory_metrics(obs: torch.Tensor, actions: torch.Tensor, args: Args) -> 
     a_0)..., a_{T-1})||, end-point distances to the goals and the fraction of end points closer to goal B than to A;
     `se_<metric>` is each one's standard error over the N trajectories."""
     log_prob = TargetPolicy(args).log_prob(obs[:, :-1], actions)
-    step_error = (obs[:, 1:] - true_dynamics(obs[:, :-1], actions, args)).norm(dim=-1)  # [N, T]
+    step_error = one_step_errors(obs, actions, args)  # [N, T]
     replay = obs[:, 0]
     for t in range(actions.shape[1]):
         replay = true_dynamics(replay, actions[:, t], args)
