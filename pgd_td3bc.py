@@ -609,9 +609,10 @@ def atomic_torch_save(obj, path: str):
 
 # SHARED BEGIN: diffuser_training
 def train_diffuser(config: dict, windows: np.ndarray, val_windows: np.ndarray, writer: SummaryWriter,
-                   device: torch.device) -> tuple[EDMDenoiser, Normalizer]:
+                   device: torch.device) -> tuple[EDMDenoiser, Normalizer, list[dict]]:
     """EDM training with Adam (linear warmup from diffuser_warmup_start x the peak, then cosine decay to 0) as `config`
-    (the DIFFUSER_FIELDS of Args) says; returns the EMA denoiser and the normaliser."""
+    (the DIFFUSER_FIELDS of Args) says; returns the EMA denoiser, the normaliser and the loss curve (every 500 steps:
+    step, train_loss, val_loss, seconds)."""
     normalizer = Normalizer.fit(windows).to(device)
     data = normalizer.normalize(torch.as_tensor(windows, device=device))
     val = normalizer.normalize(torch.as_tensor(val_windows, device=device))[:1024]
@@ -631,7 +632,7 @@ def train_diffuser(config: dict, windows: np.ndarray, val_windows: np.ndarray, w
         1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, total - warmup)))))
     print(f"training diffuser: {sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M params, "
           f"{len(data)} windows of {tuple(data.shape[1:])}, {total} steps")
-    start = time.time()
+    start, curve = time.time(), []
     bar = tqdm(range(total), desc="diffuser", mininterval=5, file=sys.stdout)
     for step in bar:
         x0 = data[torch.randint(len(data), (batch_size,), generator=gen, device=device)]
@@ -654,7 +655,8 @@ def train_diffuser(config: dict, windows: np.ndarray, val_windows: np.ndarray, w
             writer.add_scalar("diffusion/val_loss", val_loss, step)
             writer.add_scalar("diffusion/SPS", (step + 1) / (time.time() - start), step)
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}")
-    return ema, normalizer
+            curve.append(dict(step=step, train_loss=loss, val_loss=val_loss, seconds=time.time() - start))
+    return ema, normalizer, curve
 
 
 # SHARED END: diffuser_training
@@ -696,12 +698,34 @@ def get_diffuser(args: Args, dataset_id: str, windows: np.ndarray, val_windows: 
             raise SystemExit(f"error: diffuser {path} models {ckpt['data_dim']} channels, dataset {dataset_id} has "
                              f"{windows.shape[-1]}; pass the checkpoint of this dataset")
         print(f"loaded diffuser {path}")
+        if ckpt.get("curve"):
+            plot_diffuser_curve(ckpt["curve"], writer.log_dir)
         return denoiser, normalizer
-    denoiser, normalizer = train_diffuser(config, windows, val_windows, writer, device)
+    denoiser, normalizer, curve = train_diffuser(config, windows, val_windows, writer, device)
     atomic_torch_save(dict(ema=denoiser.state_dict(), mean=normalizer.mean, std=normalizer.std, config=config,
-                           data_dim=windows.shape[-1], dataset_id=dataset_id), path)
+                           data_dim=windows.shape[-1], dataset_id=dataset_id, curve=curve), path)
     print(f"saved diffuser {path}")
+    plot_diffuser_curve(curve, writer.log_dir)
     return denoiser, normalizer
+
+
+def plot_diffuser_curve(curve: list[dict], out_dir: str):
+    """`diffuser_loss.json` and `diffuser_loss.png` in `out_dir`: train loss (one batch) and the EMA model's loss on the
+    fixed validation windows, every 500 steps, to show where training plateaus."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    atomic_json(curve, os.path.join(out_dir, "diffuser_loss.json"))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [c["step"] for c in curve]
+    ax.plot(steps, [c["train_loss"] for c in curve], lw=0.8, alpha=0.6, label="train (one batch)")
+    ax.plot(steps, [c["val_loss"] for c in curve], lw=1.5, label="validation (EMA weights)")
+    ax.set(xlabel="diffuser step", ylabel="EDM loss", yscale="log", title=f"diffuser loss ({os.path.basename(out_dir)})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "diffuser_loss.png.tmp"), format="png", dpi=120)
+    plt.close(fig)
+    os.replace(os.path.join(out_dir, "diffuser_loss.png.tmp"), os.path.join(out_dir, "diffuser_loss.png"))
 
 
 # SHARED END: diffuser_cache
@@ -900,6 +924,11 @@ class Agent(nn.Module):
     def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """log N(a; mu(s), I) summed over action dims, any leading shape; used for guidance and diagnostics."""
         return -0.5 * ((action - self.act(obs)) ** 2 + math.log(2 * math.pi)).sum(-1)
+
+    def q_value(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """min of the twin critics Q(s, a), any leading shape (diagnostics: value on real vs synthetic batches)."""
+        sa = torch.cat([self.norm(obs), action], -1)
+        return torch.min(self.q1(sa), self.q2(sa)).squeeze(-1)
 
     def update(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         obs, next_obs, actions = self.norm(b["obs"]), self.norm(b["next_obs"]), b["actions"]
@@ -1212,15 +1241,17 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optiona
             synthetic = generate_synthetic(sampler, args.num_synthetic, args.sample_horizon, args.sample_batch_size, gen,
                                            agent.log_prob if guided else None, args.guidance_coef,
                                            args.terminal_aware_transitions)
-            with torch.no_grad():
-                writer.add_scalar("synthetic/action_log_prob", agent.log_prob(synthetic["obs"], synthetic["actions"]).mean().item(), step)
-                writer.add_scalar("synthetic/real_action_log_prob", agent.log_prob(real["obs"], real["actions"]).mean().item(), step)
+            with torch.no_grad():  # on-policyness of the new set under the policy that guided it, next to the real data's
+                log_probs = dict(action_log_prob=agent.log_prob(synthetic["obs"], synthetic["actions"]).mean().item(),
+                                 real_action_log_prob=agent.log_prob(real["obs"], real["actions"]).mean().item())
+            for k, v in log_probs.items():
+                writer.add_scalar(f"synthetic/{k}", v, step)
             writer.add_scalar("synthetic/terminal_rate", synthetic["dones"].mean().item(), step)
             writer.add_scalar("synthetic/reward_mean", synthetic["rewards"].mean().item(), step)
             writer.add_scalar("synthetic/guided", float(guided), step)
             seconds, trajectories = time.time() - t0, math.ceil(args.num_synthetic / (args.sample_horizon - 1))
             timing["regenerations"].append(dict(step=step, seconds=seconds, guided=guided, trajectories=trajectories,
-                                                trajectories_per_s=trajectories / seconds))
+                                                trajectories_per_s=trajectories / seconds, **log_probs))
             writer.add_scalar("synthetic/sample_time", seconds, step)
             writer.add_scalar("synthetic/trajectories_per_second", trajectories / seconds, step)
         t0 = time.time()
@@ -1250,8 +1281,15 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optiona
             returns = evaluate(agent.act, dataset, args.eval_episodes, args.seed + 10_000, device)
             timing["evaluation_s"] += time.time() - t0
             score = normalized_score(dataset, returns)
+            probe_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # apart from the agent's RNG
+            with torch.no_grad():  # value over-estimation on synthetic states: the critics on real vs synthetic batches
+                values = {f"q_{name}": agent.q_value(data["obs"][probe], data["actions"][probe]).mean().item()
+                          for name, data in (("real", real), ("synthetic", synthetic)) if data is not None
+                          for probe in [torch.randint(len(data["obs"]), (4096,), generator=probe_gen).to(device)]}
             history.append(dict(step=step, return_mean=float(returns.mean()), score_mean=float(score.mean()),
-                                score_std=float(score.std())))
+                                score_std=float(score.std()), **values))
+            for k, v in values.items():
+                writer.add_scalar(f"values/{k}", v, step)
             writer.add_scalar("eval/return", returns.mean(), step)
             writer.add_scalar("eval/normalized_score", score.mean(), step)
             bar.set_postfix(score=f"{score.mean():.1f}")

@@ -457,9 +457,10 @@ def atomic_torch_save(obj, path: str):
 
 # SHARED BEGIN: diffuser_training
 def train_diffuser(config: dict, windows: np.ndarray, val_windows: np.ndarray, writer: SummaryWriter,
-                   device: torch.device) -> tuple[EDMDenoiser, Normalizer]:
+                   device: torch.device) -> tuple[EDMDenoiser, Normalizer, list[dict]]:
     """EDM training with Adam (linear warmup from diffuser_warmup_start x the peak, then cosine decay to 0) as `config`
-    (the DIFFUSER_FIELDS of Args) says; returns the EMA denoiser and the normaliser."""
+    (the DIFFUSER_FIELDS of Args) says; returns the EMA denoiser, the normaliser and the loss curve (every 500 steps:
+    step, train_loss, val_loss, seconds)."""
     normalizer = Normalizer.fit(windows).to(device)
     data = normalizer.normalize(torch.as_tensor(windows, device=device))
     val = normalizer.normalize(torch.as_tensor(val_windows, device=device))[:1024]
@@ -479,7 +480,7 @@ def train_diffuser(config: dict, windows: np.ndarray, val_windows: np.ndarray, w
         1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, total - warmup)))))
     print(f"training diffuser: {sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M params, "
           f"{len(data)} windows of {tuple(data.shape[1:])}, {total} steps")
-    start = time.time()
+    start, curve = time.time(), []
     bar = tqdm(range(total), desc="diffuser", mininterval=5, file=sys.stdout)
     for step in bar:
         x0 = data[torch.randint(len(data), (batch_size,), generator=gen, device=device)]
@@ -502,7 +503,8 @@ def train_diffuser(config: dict, windows: np.ndarray, val_windows: np.ndarray, w
             writer.add_scalar("diffusion/val_loss", val_loss, step)
             writer.add_scalar("diffusion/SPS", (step + 1) / (time.time() - start), step)
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}")
-    return ema, normalizer
+            curve.append(dict(step=step, train_loss=loss, val_loss=val_loss, seconds=time.time() - start))
+    return ema, normalizer, curve
 
 
 # SHARED END: diffuser_training
@@ -989,7 +991,7 @@ def main(args: Args) -> dict:
     wm_loss = world_model.fit(real["obs"], real["actions"], real["next_obs"], gen, writer)
     phase("world model", f"{args.wm_ensemble} members, final loss {wm_loss:.2e}")
     config = {k: getattr(args, k) for k in DIFFUSER_FIELDS}
-    denoiser, normalizer = train_diffuser(config, windows, val_windows, writer, device)
+    denoiser, normalizer, _ = train_diffuser(config, windows, val_windows, writer, device)
     atomic_torch_save(dict(ema=denoiser.state_dict(), mean=normalizer.mean, std=normalizer.std, config=config,
                            data_dim=windows.shape[-1], dataset_id="toy2d"), os.path.join(run_dir, "diffuser.pt"))
     denoiser.requires_grad_(False)

@@ -530,6 +530,14 @@ def test_end_to_end_tiny(script, variant, tiny_store, tmp_path):
     assert "time: data" in p.stdout and "updates/s" in p.stdout
     has_diffuser = bool(list((tmp_path / "diffusers").glob("*.pt"))) if (tmp_path / "diffusers").exists() else False
     assert has_diffuser == (variant[0] != "--synthetic-ratio")
+    # the mechanism diagnostics: critics on real vs synthetic batches at every evaluation, the synthetic set's action
+    # log-likelihood under the policy at every regeneration, and the diffuser's loss curve in the run dir
+    assert all(np.isfinite(h["q_real"]) and ("q_synthetic" in h) == has_diffuser for h in res["history"])
+    assert all(np.isfinite(r["action_log_prob"]) and np.isfinite(r["real_action_log_prob"]) for r in tb["regenerations"])
+    assert (run / "diffuser_loss.png").is_file() == has_diffuser
+    if has_diffuser:
+        curve = json.loads((run / "diffuser_loss.json").read_text())
+        assert [c["step"] for c in curve] == [0, 99] and all(np.isfinite(c["val_loss"]) for c in curve)
     if "--save-model" in variant:
         ckpt = torch.load(run / "policy.pt")
         assert ckpt["obs_dim"] == 11 and ckpt["act_dim"] == 3
