@@ -1,7 +1,10 @@
 """Report script: real data vs unguided diffusion vs policy-guided diffusion, for pgd_iql.py and pgd_td3bc.py.
 
 Runs every (script, variant, seed) as a subprocess with the same extra flags, then writes a markdown table of the
-final and best D4RL-normalised scores (mean +- std over seeds) and wall times. The diffuser is trained once per
+final and best D4RL-normalised scores (mean +- standard error over seeds) and wall times, a table of the mechanism
+diagnostics each run stores (synthetic actions' log-likelihood under the policy, critics on real vs synthetic data),
+and (with --out) the paper's Figure 4 as a PNG next to the markdown. A grid can be split over sittings: run one seed at
+a time (finished runs are skipped), then `--report-only` with all the seeds. The diffuser is trained once per
 seed and shared by all variants and agents through the checkpoint cache (it depends on the dataset, the diffuser
 flags and the seed only).
 
@@ -75,8 +78,9 @@ def finished(root: str) -> dict | None:
 
 def run(args: Args, script: str, variant: str, seed: int) -> dict:
     root = os.path.join(args.runs_root, f"{script[:-3]}__{variant}__{seed}")
-    if args.report_only:
-        return finished(root)
+    done = finished(root)
+    if args.report_only or done:  # a finished run is never rerun: a grid can be completed seed by seed
+        return done
     cmd = [sys.executable, script, "--env-id", args.env_id, "--seed", str(seed), "--runs-root", root,
            "--exp-name", f"{script[:-3]}-{variant}", *VARIANTS[variant], *args.extra]
     print(" ".join(cmd), flush=True)
@@ -110,25 +114,84 @@ def main(args: Args):
         rest = [j for j in jobs if j not in results]
         results.update(zip(rest, pool.map(lambda j: run(args, *j), rest)))
 
+    report = tabulate(args, results)
+    header = (f"{args.env_id}, seeds {list(args.seeds)}; flags: `{' '.join(args.extra)}`\n"
+              f"command: `python {' '.join(sys.argv)}`\n\n")
+    print(header + report)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        figure = os.path.splitext(args.out)[0] + ".png"
+        plot_figure4(args, results, figure)
+        with open(f"{args.out}.tmp", "w") as f:
+            f.write(header + report + f"\n\n![Figure 4]({os.path.basename(figure)})\n")
+        os.replace(f"{args.out}.tmp", args.out)
+        print(f"wrote {args.out} and {figure}")
+
+
+def mean_se(values) -> tuple[float, float]:
+    """Mean and standard error of the mean over seeds (0 for one seed)."""
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+def mechanism(r: dict) -> dict:
+    """Per run: mean action log-likelihood of the guided (else all) synthetic sets under the policy that made them,
+    the real data's under the same policy, and the critics' mean Q on real and synthetic batches at the last evaluation."""
+    regens = r.get("time_breakdown", {}).get("regenerations", [])
+    regens = [g for g in regens if g.get("guided")] or regens
+    last = r["history"][-1]
+    out = dict(q_real=last.get("q_real", np.nan), q_synthetic=last.get("q_synthetic", np.nan))
+    if regens and "action_log_prob" in regens[0]:
+        out.update(logp_synthetic=np.mean([g["action_log_prob"] for g in regens]),
+                   logp_real=np.mean([g["real_action_log_prob"] for g in regens]))
+    return out
+
+
+def tabulate(args: Args, results: dict) -> str:
+    """The score table (mean +- standard error over seeds) and the mechanism table."""
     lines = ["| agent | data | last score | best score | wall time (min) | seeds |", "|---|---|---|---|---|---|"]
+    mech = ["| agent | data | log pi(a_syn) | log pi(a_real) | Q real | Q synthetic |", "|---|---|---|---|---|---|"]
+    fmt = lambda m, se: f"{m:.1f} +- {se:.1f}"  # noqa: E731
     for s in args.scripts:
         for v in args.variants:
             rs = [results[(s, v, seed)] for seed in args.seeds if results.get((s, v, seed))]
             if not rs:
                 continue
-            last, best = np.array([r["last_score"] for r in rs]), np.array([r["best_score"] for r in rs])
-            wall = [r["wall_time_s"] for r in rs]
-            lines.append(f"| {s[:-3]} | {v} | {last.mean():.1f} +- {last.std():.1f} | {best.mean():.1f} +- {best.std():.1f} "
-                         f"| {np.mean(wall) / 60:.1f} | {len(rs)} |")
-    table = "\n".join(lines)
-    header = (f"{args.env_id}, seeds {list(args.seeds)}; flags: `{' '.join(args.extra)}`\n"
-              f"command: `python {' '.join(sys.argv)}`\n\n")
-    print(header + table)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(header + table + "\n")
+            last, best = mean_se([r["last_score"] for r in rs]), mean_se([r["best_score"] for r in rs])
+            lines.append(f"| {s[:-3]} | {v} | {fmt(*last)} | {fmt(*best)} | "
+                         f"{np.mean([r['wall_time_s'] for r in rs]) / 60:.1f} | {len(rs)} |")
+            ms = [mechanism(r) for r in rs]
+            cell = lambda k: fmt(*mean_se([m[k] for m in ms])) if all(np.isfinite(m.get(k, np.nan)) for m in ms) else "-"  # noqa: E731
+            mech.append(f"| {s[:-3]} | {v} | {cell('logp_synthetic')} | {cell('logp_real')} | {cell('q_real')} | "
+                        f"{cell('q_synthetic')} |")
+    return ("\n".join(lines) + "\n\nMechanism (mean +- standard error over seeds): action log-likelihood under the "
+            "current policy of the synthetic sets it guided (all sets when unguided) and of the real data at the same "
+            "moments; the critics' mean min(Q1, Q2) on 4096 real and 4096 synthetic transitions at the last evaluation.\n\n"
+            + "\n".join(mech))
 
+
+def plot_figure4(args: Args, results: dict, path: str):
+    """The paper's Figure 4 layout: one panel per agent, a bar per data variant, mean +- standard error of the last
+    score over seeds, seeds as dots."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colours = dict(real="tab:gray", unguided="tab:blue", guided="tab:orange")
+    fig, axes = plt.subplots(1, len(args.scripts), figsize=(3.2 * len(args.scripts), 3.2), squeeze=False, sharey=True)
+    for ax, s in zip(axes[0], args.scripts):
+        for i, v in enumerate(args.variants):
+            scores = [results[(s, v, seed)]["last_score"] for seed in args.seeds if results.get((s, v, seed))]
+            if scores:
+                m, se = mean_se(scores)
+                ax.bar(i, m, yerr=se, color=colours.get(v, "tab:green"), capsize=4, alpha=0.85)
+                ax.scatter([i] * len(scores), scores, color="k", s=8, zorder=3)
+        ax.set_xticks(range(len(args.variants)), args.variants)
+        ax.set_title(s[:-3])
+    axes[0][0].set_ylabel(f"{args.env_id}: normalised score (last)")
+    fig.tight_layout()
+    fig.savefig(f"{path}.tmp", format="png", dpi=120)
+    plt.close(fig)
+    os.replace(f"{path}.tmp", path)
 
 if __name__ == "__main__":
     argv = sys.argv[1:sys.argv.index("--")] if "--" in sys.argv else sys.argv[1:]

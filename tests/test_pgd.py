@@ -706,3 +706,28 @@ def test_diffuser_only_trains_the_cache_and_stops(tiny_store, tmp_path):
     assert len(list((tmp_path / "diffusers").glob("*.pt"))) == 1
     p = run_script("pgd_iql.py", TINY, tiny_store, tmp_path)  # another agent script reuses it from the cache
     assert "loaded diffuser" in p.stdout and "saved diffuser" not in p.stdout, p.stdout[-2000:]
+
+
+def test_compare_runs_the_grid_then_reports_mean_and_standard_error(tiny_store, tmp_path):
+    """compare.py end to end: runs each (variant, seed) once, skips finished runs when called again, and writes the
+    table (mean +- standard error over seeds), the mechanism table and the Figure 4 PNG."""
+    env = {**os.environ, "MINARI_DATASETS_PATH": tiny_store, "PYTHONUNBUFFERED": "1"}
+    flags = [a for a in TINY if a not in ("--env-id", "hopper-medium-replay")]
+    flags = flags[:flags.index("--total-steps")] + ["--total-steps", "100"] + flags[flags.index("--total-steps") + 2:]
+    out = tmp_path / "docs" / "compare.md"
+    cmd = [sys.executable, os.path.join(ROOT, "compare.py"), "--env-id", "hopper-medium-replay", "--scripts",
+           "pgd_td3bc.py", "--variants", "real", "guided", "--seeds", "1", "2", "--runs-root", str(tmp_path / "runs"),
+           "--out", str(out), "--", *flags, "--diffuser-cache-dir", str(tmp_path / "diffusers")]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    runs = {d.name: json.loads(next(d.glob("*/results.json")).read_text()) for d in (tmp_path / "runs").iterdir()
+            if d.is_dir()}
+    assert sorted(runs) == [f"pgd_td3bc__{v}__{s}" for v in ("guided", "real") for s in (1, 2)]
+    last = [runs[f"pgd_td3bc__guided__{s}"]["last_score"] for s in (1, 2)]
+    se = np.std(last, ddof=1) / np.sqrt(2)
+    text = out.read_text()
+    assert f"| pgd_td3bc | guided | {np.mean(last):.1f} +- {se:.1f} |" in text
+    assert "log pi(a_syn)" in text and (tmp_path / "docs" / "compare.png").stat().st_size > 1000
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 0 and "pgd_td3bc.py --env-id" not in again.stdout  # nothing rerun
+    assert f"| pgd_td3bc | guided | {np.mean(last):.1f} +- {se:.1f} |" in again.stdout
