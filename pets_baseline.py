@@ -450,14 +450,18 @@ class EDMDenoiser(nn.Module):
         return c_skip * x + c_out * self.net(c_in * x, c_noise)
 
 
-def edm_loss(denoiser: EDMDenoiser, x: torch.Tensor, P_mean: float, P_std: float, noise=None, rnd_normal=None):
-    """EDM training loss: ln(sigma) ~ N(P_mean, P_std^2), weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2."""
+def edm_loss(denoiser: EDMDenoiser, x: torch.Tensor, P_mean: float, P_std: float, noise=None, rnd_normal=None,
+             known: Optional[torch.Tensor] = None):
+    """EDM training loss: ln(sigma) ~ N(P_mean, P_std^2), weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
+    `known` (bool, broadcastable to x): entries given to the network clean instead of noised (inpainting conditioning,
+    as DyDiff trains its action-conditioned model); the loss still covers every entry."""
     rnd_normal = torch.randn(x.shape[0], device=x.device) if rnd_normal is None else rnd_normal
     noise = torch.randn_like(x) if noise is None else noise
     sigma = (rnd_normal * P_std + P_mean).exp()
     sd = denoiser.sigma_data
     weight = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
-    denoised = denoiser(x + noise * sigma[:, None, None], sigma)
+    noisy = x + noise * sigma[:, None, None]
+    denoised = denoiser(noisy if known is None else torch.where(known, x, noisy), sigma)
     return (weight[:, None, None] * (denoised - x) ** 2).mean()
 
 
@@ -576,35 +580,44 @@ class GuidedEDMSampler(nn.Module):
         return torch.cat([x[..., :a0], x[..., a0:a1] + lam * g, x[..., a1:]], -1)
 
     def step(self, x: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor, gamma: torch.Tensor, lam: torch.Tensor,
-             noise: torch.Tensor, log_prob_fn: Optional[Callable], last: bool) -> torch.Tensor:
+             noise: torch.Tensor, log_prob_fn: Optional[Callable], last: bool, known: Optional[torch.Tensor] = None,
+             values: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Guidance, then one step of EDM Algorithm 2 (lines 4-11); the last step (to t = 0) has neither guidance
-        nor the second-order correction."""
+        nor the second-order correction. Inpainting: the `known` entries are reset to `values` after the Euler step
+        and after the correction (as DyDiff's sampler), so the correction sees them clean too."""
         if log_prob_fn is not None and not last:
             x = self.guide(x, t_cur, lam, log_prob_fn)
         t_hat = t_cur + gamma * t_cur  # line 5: raise the noise level by the churn
         x_hat = x + (t_hat ** 2 - t_cur ** 2).sqrt() * self.S_noise * noise  # line 6
         d_cur = (x_hat - self.denoise(x_hat, t_hat)) / t_hat  # line 7
         x_next = (x_hat if self.euler_from_churned else x) + (t_next - t_hat) * d_cur  # line 8
+        x_next = x_next if known is None else torch.where(known, values, x_next)
         if last:  # line 9: t_next = 0
             return x_next
         d_prime = (x_next - self.denoise(x_next, t_next)) / t_next  # line 10
-        return x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)  # line 11
+        x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)  # line 11
+        return x_next if known is None else torch.where(known, values, x_next)
 
     @torch.no_grad()
     def forward(self, batch_size: int, horizon: int, generator: torch.Generator, log_prob_fn: Optional[Callable] = None,
-                coef: float = 0.0) -> torch.Tensor:
+                coef: float = 0.0, inpaint: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """Sample `batch_size` normalised trajectories [B, horizon, C], guided by `log_prob_fn` with coefficient `coef`
-        (unguided when either is None/0); all noise comes from `generator` (CPU)."""
+        (unguided when either is None/0); all noise comes from `generator` (CPU). `inpaint` = (known, values): a bool
+        mask broadcastable to [B, horizon, C] and normalised values [B, horizon, C]; the known entries equal the values
+        from the start and after every step (DyDiff's conditioning on s_0 and the actions)."""
         device = self.normalizer.mean.device
         shape = (batch_size, horizon, self.normalizer.mean.shape[0])
         log_prob_fn = log_prob_fn if coef else None
         lambdas = guidance_schedule(self.num_steps, coef, self.guidance_cosine)
         t, gammas, lambdas = (v.to(device, torch.float32) for v in (self.t_steps, self.gammas, lambdas))
+        known, values = (None, None) if inpaint is None else (inpaint[0].to(device), inpaint[1].to(device))
         x = torch.randn(shape, generator=generator).to(device) * t[0]
+        x = x if known is None else torch.where(known, values, x)
         for i in range(self.num_steps):
             noise = torch.randn(shape, generator=generator).to(device)
             last = i == self.num_steps - 1  # the cheap last step runs eagerly: one compiled graph per guidance function
-            x = (self.step if last else self.step_fn)(x, t[i], t[i + 1], gammas[i], lambdas[i], noise, log_prob_fn, last)
+            x = (self.step if last else self.step_fn)(x, t[i], t[i + 1], gammas[i], lambdas[i], noise, log_prob_fn, last,
+                                                       known, values)
         return x
 
 

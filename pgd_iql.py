@@ -567,14 +567,18 @@ class EDMDenoiser(nn.Module):
         return c_skip * x + c_out * self.net(c_in * x, c_noise)
 
 
-def edm_loss(denoiser: EDMDenoiser, x: torch.Tensor, P_mean: float, P_std: float, noise=None, rnd_normal=None):
-    """EDM training loss: ln(sigma) ~ N(P_mean, P_std^2), weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2."""
+def edm_loss(denoiser: EDMDenoiser, x: torch.Tensor, P_mean: float, P_std: float, noise=None, rnd_normal=None,
+             known: Optional[torch.Tensor] = None):
+    """EDM training loss: ln(sigma) ~ N(P_mean, P_std^2), weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
+    `known` (bool, broadcastable to x): entries given to the network clean instead of noised (inpainting conditioning,
+    as DyDiff trains its action-conditioned model); the loss still covers every entry."""
     rnd_normal = torch.randn(x.shape[0], device=x.device) if rnd_normal is None else rnd_normal
     noise = torch.randn_like(x) if noise is None else noise
     sigma = (rnd_normal * P_std + P_mean).exp()
     sd = denoiser.sigma_data
     weight = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
-    denoised = denoiser(x + noise * sigma[:, None, None], sigma)
+    noisy = x + noise * sigma[:, None, None]
+    denoised = denoiser(noisy if known is None else torch.where(known, x, noisy), sigma)
     return (weight[:, None, None] * (denoised - x) ** 2).mean()
 
 
@@ -610,16 +614,18 @@ def atomic_torch_save(obj, path: str):
 
 # SHARED BEGIN: diffuser_training
 def train_diffuser(config: dict, windows: np.ndarray, val_windows: np.ndarray, writer: SummaryWriter,
-                   device: torch.device) -> tuple[EDMDenoiser, Normalizer, list[dict]]:
+                   device: torch.device, known: Optional[torch.Tensor] = None) -> tuple[EDMDenoiser, Normalizer, list[dict]]:
     """EDM training with Adam (linear warmup from diffuser_warmup_start x the peak, then cosine decay to 0) as `config`
-    (the DIFFUSER_FIELDS of Args) says; returns the EMA denoiser, the normaliser and the loss curve (every 500 steps:
-    step, train_loss, val_loss, seconds)."""
+    (the DIFFUSER_FIELDS of Args) says; `known` ([horizon, channels] bool) marks entries the model is given clean
+    (edm_loss). Returns the EMA denoiser, the normaliser and the loss curve (every 500 steps: step, train_loss,
+    val_loss, seconds)."""
     normalizer = Normalizer.fit(windows).to(device)
     data = normalizer.normalize(torch.as_tensor(windows, device=device))
     val = normalizer.normalize(torch.as_tensor(val_windows, device=device))[:1024]
     gen = torch.Generator(device=device).manual_seed(config["seed"])
     val_noise = torch.randn(val.shape, generator=gen, device=device)
     val_rnd = torch.randn(val.shape[0], generator=gen, device=device)
+    known = None if known is None else torch.as_tensor(known, dtype=torch.bool, device=device)
     denoiser = build_denoiser(config, data.shape[-1]).to(device)
     ema = build_denoiser(config, data.shape[-1]).to(device).requires_grad_(False)
     ema.load_state_dict(denoiser.state_dict())
@@ -638,7 +644,7 @@ def train_diffuser(config: dict, windows: np.ndarray, val_windows: np.ndarray, w
     for step in bar:
         x0 = data[torch.randint(len(data), (batch_size,), generator=gen, device=device)]
         loss = edm_loss(denoiser, x0, P_mean, P_std, noise=torch.randn(x0.shape, generator=gen, device=device),
-                        rnd_normal=torch.randn(batch_size, generator=gen, device=device))
+                        rnd_normal=torch.randn(batch_size, generator=gen, device=device), known=known)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -651,7 +657,7 @@ def train_diffuser(config: dict, windows: np.ndarray, val_windows: np.ndarray, w
             if not math.isfinite(loss):
                 raise SystemExit(f"error: diffusion loss is {loss} at step {step}; lower --diffuser-lr")
             with torch.no_grad():
-                val_loss = edm_loss(ema, val, P_mean, P_std, noise=val_noise, rnd_normal=val_rnd).item()
+                val_loss = edm_loss(ema, val, P_mean, P_std, noise=val_noise, rnd_normal=val_rnd, known=known).item()
             writer.add_scalar("diffusion/train_loss", loss, step)
             writer.add_scalar("diffusion/val_loss", val_loss, step)
             writer.add_scalar("diffusion/SPS", (step + 1) / (time.time() - start), step)
@@ -799,35 +805,44 @@ class GuidedEDMSampler(nn.Module):
         return torch.cat([x[..., :a0], x[..., a0:a1] + lam * g, x[..., a1:]], -1)
 
     def step(self, x: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor, gamma: torch.Tensor, lam: torch.Tensor,
-             noise: torch.Tensor, log_prob_fn: Optional[Callable], last: bool) -> torch.Tensor:
+             noise: torch.Tensor, log_prob_fn: Optional[Callable], last: bool, known: Optional[torch.Tensor] = None,
+             values: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Guidance, then one step of EDM Algorithm 2 (lines 4-11); the last step (to t = 0) has neither guidance
-        nor the second-order correction."""
+        nor the second-order correction. Inpainting: the `known` entries are reset to `values` after the Euler step
+        and after the correction (as DyDiff's sampler), so the correction sees them clean too."""
         if log_prob_fn is not None and not last:
             x = self.guide(x, t_cur, lam, log_prob_fn)
         t_hat = t_cur + gamma * t_cur  # line 5: raise the noise level by the churn
         x_hat = x + (t_hat ** 2 - t_cur ** 2).sqrt() * self.S_noise * noise  # line 6
         d_cur = (x_hat - self.denoise(x_hat, t_hat)) / t_hat  # line 7
         x_next = (x_hat if self.euler_from_churned else x) + (t_next - t_hat) * d_cur  # line 8
+        x_next = x_next if known is None else torch.where(known, values, x_next)
         if last:  # line 9: t_next = 0
             return x_next
         d_prime = (x_next - self.denoise(x_next, t_next)) / t_next  # line 10
-        return x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)  # line 11
+        x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)  # line 11
+        return x_next if known is None else torch.where(known, values, x_next)
 
     @torch.no_grad()
     def forward(self, batch_size: int, horizon: int, generator: torch.Generator, log_prob_fn: Optional[Callable] = None,
-                coef: float = 0.0) -> torch.Tensor:
+                coef: float = 0.0, inpaint: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """Sample `batch_size` normalised trajectories [B, horizon, C], guided by `log_prob_fn` with coefficient `coef`
-        (unguided when either is None/0); all noise comes from `generator` (CPU)."""
+        (unguided when either is None/0); all noise comes from `generator` (CPU). `inpaint` = (known, values): a bool
+        mask broadcastable to [B, horizon, C] and normalised values [B, horizon, C]; the known entries equal the values
+        from the start and after every step (DyDiff's conditioning on s_0 and the actions)."""
         device = self.normalizer.mean.device
         shape = (batch_size, horizon, self.normalizer.mean.shape[0])
         log_prob_fn = log_prob_fn if coef else None
         lambdas = guidance_schedule(self.num_steps, coef, self.guidance_cosine)
         t, gammas, lambdas = (v.to(device, torch.float32) for v in (self.t_steps, self.gammas, lambdas))
+        known, values = (None, None) if inpaint is None else (inpaint[0].to(device), inpaint[1].to(device))
         x = torch.randn(shape, generator=generator).to(device) * t[0]
+        x = x if known is None else torch.where(known, values, x)
         for i in range(self.num_steps):
             noise = torch.randn(shape, generator=generator).to(device)
             last = i == self.num_steps - 1  # the cheap last step runs eagerly: one compiled graph per guidance function
-            x = (self.step if last else self.step_fn)(x, t[i], t[i + 1], gammas[i], lambdas[i], noise, log_prob_fn, last)
+            x = (self.step if last else self.step_fn)(x, t[i], t[i + 1], gammas[i], lambdas[i], noise, log_prob_fn, last,
+                                                       known, values)
         return x
 
 
