@@ -694,7 +694,8 @@ def load_policy(path: str, device: torch.device = torch.device("cpu"), obs_dim: 
     return act_fn, log_prob_fn
 
 
-# ALGO LOGIC: PETS probabilistic ensemble (Chua et al., 2018)
+# SHARED BEGIN: ensemble
+# ALGO LOGIC: PETS probabilistic ensemble (Chua et al., 2018); DyDiff's one-step model for its first trajectory
 class EnsembleLinear(nn.Module):
     """`members` independent linear layers applied as one batched matmul: [E, B, in] -> [E, B, out]."""
 
@@ -755,16 +756,25 @@ class ProbabilisticEnsemble(nn.Module):
         return ((mean - (targets - self.out_mean) / self.out_std) ** 2).mean((1, 2))
 
     @torch.no_grad()
-    def step(self, obs: torch.Tensor, action: torch.Tensor, generator: torch.Generator,
+    def step(self, obs: torch.Tensor, action: torch.Tensor, generator: torch.Generator, deterministic: bool = False,
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample (next obs, reward) [B, obs_dim], [B]: a random elite per row, a draw from its Gaussian."""
+        """(next obs, reward) [B, obs_dim], [B] from a random elite per row: a draw from its Gaussian, or its mean
+        (`deterministic`, as DyDiff's first trajectory)."""
         mean, logvar = self(torch.cat([obs, action], -1))
         rows = torch.arange(len(obs), device=obs.device)
         member = self.elites[torch.randint(len(self.elites), (len(obs),), generator=generator).to(obs.device)]
         mean, std = mean[member, rows], (0.5 * logvar[member, rows]).exp()
         noise = torch.randn(mean.shape, generator=generator).to(obs.device)
-        out = (mean + std * noise) * self.out_std + self.out_mean
+        out = (mean + (0 if deterministic else std * noise)) * self.out_std + self.out_mean
         return obs + out[:, :self.obs_dim], out[:, self.obs_dim]
+
+    @torch.no_grad()
+    def reward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """r(s, a) [any leading shape]: the elites' mean predicted reward (DyDiff's reward model)."""
+        lead = obs.shape[:-1]
+        mean, _ = self(torch.cat([obs, action], -1).reshape(-1, obs.shape[-1] + action.shape[-1]))
+        r = mean[self.elites, :, self.obs_dim].mean(0) * self.out_std[self.obs_dim] + self.out_mean[self.obs_dim]
+        return r.reshape(lead)
 
 
 def train_ensemble(args: Args, episodes: list[dict], writer: SummaryWriter, device: torch.device,
@@ -830,6 +840,52 @@ def train_ensemble(args: Args, episodes: list[dict], writer: SummaryWriter, devi
     print(f"dynamics: stopped at step {step}, held-out MSE (normalised) of the elites "
           f"{best[model.elites].mean().item():.4f}, {info['train_time_s']:.0f}s")
     return model, info
+
+
+# SHARED END: ensemble
+
+
+# SHARED BEGIN: dydiff
+# ALGO LOGIC: DyDiff's generator (Zhao et al., 2024; FineArtz/DyDiff generate_rl.py), on the shared EDM sampler
+DYDIFF_SAMPLER = dict(sampler_steps=34, sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=60.0, S_tmin=0.37,
+                      S_tmax=52.24, S_noise=1.002, euler_from_churned=True, guidance_cosine=0.0,
+                      normalize_guidance=False, guide_on_denoised=False, sampler_bf16=False, compile=False)
+
+
+def state_model_known(horizon: int, obs_dim: int, act_dim: int) -> torch.Tensor:
+    """[horizon, obs_dim + act_dim] bool: what the action-conditioned state model is given clean: s_0 and every action."""
+    known = torch.zeros(horizon, obs_dim + act_dim, dtype=torch.bool)
+    known[0, :obs_dim] = True
+    known[:, obs_dim:] = True
+    return known
+
+
+@torch.no_grad()
+def dydiff_rollouts(sampler: GuidedEDMSampler, ensemble: "ProbabilisticEnsemble", act_fn: Callable,
+                    start_obs: torch.Tensor, horizon: int, iterations: int, generator: torch.Generator,
+                    ) -> dict[str, torch.Tensor]:
+    """Rollouts of `horizon` rows (states s_0..s_{H-1}, actions a_0..a_{H-1}) from `start_obs` [B, obs_dim]:
+    1. the first trajectory: a_t = act_fn(s_t) (deterministic), s_{t+1} = the mean of a random elite of the ensemble;
+    2. `iterations` times: a full sampling pass of the state model (`sampler` over [obs, arctanh(action)] channels,
+       fresh noise) with s_0 and every action clamped; the states become the average of the sampled and the previous
+       ones; the actions are relabelled a_t = act_fn(s_t).
+    Returns dict(obs [B, H, obs_dim], actions [B, H, act_dim]) in env units, actions clipped to +-ACTION_CLIP."""
+    act = lambda s: act_fn(s).clamp(-ACTION_CLIP, ACTION_CLIP)  # noqa: E731
+    obs, actions = [start_obs], [act(start_obs)]
+    for _ in range(horizon - 1):
+        obs.append(ensemble.step(obs[-1], actions[-1], generator, deterministic=True)[0])
+        actions.append(act(obs[-1]))
+    obs, actions = torch.stack(obs, 1), torch.stack(actions, 1)
+    known = state_model_known(horizon, obs.shape[-1], actions.shape[-1])[None]
+    for _ in range(iterations):
+        values = sampler.normalizer.normalize(torch.cat([obs, torch.atanh(actions)], -1))
+        x = sampler.normalizer.unnormalize(sampler(len(obs), horizon, generator, inpaint=(known, values)))
+        obs = torch.cat([start_obs[:, None], (x[:, 1:, :obs.shape[-1]] + obs[:, 1:]) / 2], 1)  # s_0 stays exact
+        actions = act(obs)
+    return dict(obs=obs, actions=actions)
+
+
+# SHARED END: dydiff
 
 
 # ALGO LOGIC: the simulator probe

@@ -891,6 +891,7 @@ def generate_synthetic(sampler: GuidedEDMSampler, num_transitions: int, horizon:
 # SHARED END: synthetic
 
 
+# SHARED BEGIN: td3bc
 # ALGO LOGIC: TD3+BC (Fujimoto & Gu, 2021)
 def mlp(in_dim: int, out_dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
@@ -991,6 +992,9 @@ def make_agent(args: Args, act_dim: int, stats: dict) -> Agent:
                  hidden_dim=args.hidden_dim, learning_rate=args.learning_rate, adam_eps=args.adam_eps, gamma=args.gamma,
                  tau=args.tau, alpha=args.alpha, policy_noise=args.policy_noise, noise_clip=args.noise_clip,
                  critic_updates=args.critic_updates, policy_freq=args.policy_freq)
+
+
+# SHARED END: td3bc
 
 
 # SHARED BEGIN: evaluation
