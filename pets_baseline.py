@@ -7,6 +7,8 @@
    per transition, next state sampled from its Gaussian).
 3. PGD trajectories from a trained diffuser (`--diffuser-checkpoint`, as cached by pgd_iql.py / pgd_td3bc.py) with the
    shared guided EDM sampler at each coefficient of `--guidance-coefs`, guided by the same target policy (0: unguided).
+   With `--dydiff-checkpoint` (a state model of dydiff_td3bc.py), DyDiff rollouts from the same start states (first
+   trajectory from the ensemble of step 1, `--dydiff-iterations` policy injections) are measured too.
 4. Diagnostics per method and per rollout step: dynamics error against the real MuJoCo simulator (the simulator is
    set to each synthetic state, stepped with the synthetic action, and its next observation compared with the
    synthetic one) and the mean log-likelihood of the synthetic actions under the target policy. Real dataset windows
@@ -101,6 +103,13 @@ class Args:
     """divide the guidance gradient by its norm per trajectory, g / (||g|| + 1e-8), so coef is a step length (official: off)"""
     guide_on_denoised: bool = False
     """evaluate the policy gradient at the denoised estimate D(x; sigma) (one more network call) instead of the noisy sample"""
+    dydiff_checkpoint: Optional[str] = None
+    """a DyDiff state model (`state_model.pt` of dydiff_td3bc.py --save-model): its rollouts from the same start
+    states, first trajectory from this run's ensemble, are measured too"""
+    dydiff_iterations: int = 2
+    """DyDiff's policy-injection iterations M for those rollouts"""
+    dydiff_sampler_steps: int = 34
+    """Heun steps of DyDiff's sampler (its other settings are DYDIFF_SAMPLER's)"""
     sample_horizon: Optional[int] = None
     """rows of the sampled PGD trajectories (default: the diffuser's training horizon; e.g. 129 as the paper samples)"""
     sample_batch_size: int = 256
@@ -972,6 +981,20 @@ def pets_rollouts(model: ProbabilisticEnsemble, act_fn: Callable, start_obs: tor
                 mask=torch.ones(len(start_obs), length, dtype=torch.bool))
 
 
+def dydiff_trajectories(sampler: GuidedEDMSampler, model: ProbabilisticEnsemble, act_fn: Callable,
+                        starts: torch.Tensor, horizon: int, length: int, iterations: int, batch_size: int,
+                        generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """DyDiff rollouts (`dydiff_rollouts`, deterministic policy) from `starts`, cut to `length` transitions; rewards from
+    the ensemble's reward head, as DyDiff labels them."""
+    act = lambda s: act_fn(s, True)  # noqa: E731
+    parts = [dydiff_rollouts(sampler, model, act, starts[b:b + batch_size], horizon, iterations, generator)
+             for b in range(0, len(starts), batch_size)]
+    obs, actions = (torch.cat([p[k] for p in parts]) for k in ("obs", "actions"))
+    obs, actions = obs[:, :length + 1], actions[:, :length]
+    return dict(obs=obs.cpu(), actions=actions.cpu(), rewards=model.reward(obs[:, :-1], actions).cpu(),
+                mask=torch.ones(len(obs), length, dtype=torch.bool))
+
+
 def trajectories_from_windows(x: torch.Tensor, obs_dim: int, act_dim: int, length: int) -> dict[str, torch.Tensor]:
     """Unnormalised windows [N, H, obs+act+2] -> trajectories of `length` transitions (row t -> row t+1). A transition
     counts only if no row up to and including t is terminal (a terminal row has no successor in the window)."""
@@ -1053,7 +1076,7 @@ def plot(rows: list[dict], run_dir: str) -> list[str]:
         pgd = sorted((r["guidance_coef"], r["action_loglik_mean"]) for r in rows if r["policy"] == p and r["method"] == "pgd")
         if pgd:
             ax.plot([max(x, 1e-3) for x, _ in pgd], [y for _, y in pgd], "o-", color=c, label=f"PGD ({p})")
-        for method, style in (("pets", "--"), ("dataset", ":")):
+        for method, style in (("pets", "--"), ("dydiff", "-."), ("dataset", ":")):
             for r in rows:
                 if r["policy"] == p and r["method"] == method:
                     ax.axhline(r["action_loglik_mean"], ls=style, color=c, label=f"{method} ({p})")
@@ -1074,7 +1097,7 @@ def plot(rows: list[dict], run_dir: str) -> list[str]:
                 continue
             label = f"PGD lambda={r['guidance_coef']:g}" if r["method"] == "pgd" else r["method"].upper()
             y = np.maximum(np.asarray(r["dyn_mse"], dtype=float), 1e-12)
-            ax.plot(np.arange(1, len(y) + 1), y, "--" if r["method"] == "pets" else "-", label=label)
+            ax.plot(np.arange(1, len(y) + 1), y, {"pets": "--", "dydiff": "-."}.get(r["method"], "-"), label=label)
         ax.set_yscale("log")
         ax.set_xlabel("rollout step")
         ax.set_ylabel("dynamics MSE vs simulator")
@@ -1104,7 +1127,8 @@ RANGES = dict(torch_threads="[1, inf)", guidance_coefs="[0, inf)", sampler_steps
               dynamics_lr="(0, inf)", dynamics_weight_decay="[0, inf)", dynamics_batch_size="[1, inf)",
               dynamics_steps="[1, inf)", dynamics_eval_every="[1, inf)", dynamics_patience="[1, inf)",
               dynamics_val_fraction="(0, 1)", dynamics_max_holdout="[1, inf)", logvar_loss_coef="[0, inf)",
-              num_trajectories="[1, inf)", rollout_length="[1, inf)", report_steps="[1, inf)", clip_tolerance="[0, inf)")
+              num_trajectories="[1, inf)", rollout_length="[1, inf)", report_steps="[1, inf)", clip_tolerance="[0, inf)",
+              dydiff_iterations="[0, inf)", dydiff_sampler_steps="[1, inf)")
 
 
 # SHARED BEGIN: run_dirs
@@ -1162,9 +1186,19 @@ def main(args: Args) -> dict:
             print(f"warning: the diffuser was trained on {ckpt['dataset_id']}, the dynamics model on {dataset_id}")
         sampler = GuidedEDMSampler(denoiser, normalizer, obs_dim, act_dim, **{k: getattr(args, k) for k in SAMPLER_FIELDS})
         horizon = args.sample_horizon or ckpt["config"]["horizon"]
-    length = args.rollout_length or (horizon - 1 if horizon else 31)
-    if horizon and not 1 <= length <= horizon - 1:
-        raise SystemExit(f"error: --rollout-length must be in [1, {horizon - 1}] (the sampled length - 1)")
+    dydiff, dydiff_horizon = None, None
+    if args.dydiff_checkpoint:
+        denoiser, normalizer, ckpt = load_diffuser(args.dydiff_checkpoint, device)
+        if ckpt.get("kind") != "dydiff_state_model" or ckpt["data_dim"] != obs_dim + act_dim:
+            raise SystemExit(f"error: {args.dydiff_checkpoint} is not a DyDiff state model of this dataset's "
+                             f"{obs_dim} + {act_dim} channels; pass the state_model.pt of a dydiff_td3bc.py run")
+        dydiff = GuidedEDMSampler(denoiser, normalizer, obs_dim, act_dim,
+                                  **{**DYDIFF_SAMPLER, "sampler_steps": args.dydiff_sampler_steps, "compile": args.compile})
+        dydiff_horizon = ckpt["config"]["horizon"]
+    longest = min(h - 1 for h in (horizon, dydiff_horizon) if h) if horizon or dydiff_horizon else None
+    length = args.rollout_length or longest or 31
+    if longest and not 1 <= length <= longest:
+        raise SystemExit(f"error: --rollout-length must be in [1, {longest}] (the sampled lengths - 1)")
 
     run_dir = make_run_dir(args)
     run_name = os.path.basename(run_dir)
@@ -1221,6 +1255,11 @@ def main(args: Args) -> dict:
         t0 = time.time()
         starts = all_obs[torch.randint(len(all_obs), (n,), generator=gen)].to(device)
         trajs[("pets", 0.0)] = (pets_rollouts(model, act_fn, starts, length, args.deterministic_rollouts, gen), time.time() - t0)
+        if dydiff is not None:  # the same start states; the first trajectory from this run's ensemble
+            t0 = time.time()
+            trajs[("dydiff", 0.0)] = (dydiff_trajectories(dydiff, model, act_fn, starts, dydiff_horizon, length,
+                                                          args.dydiff_iterations, args.sample_batch_size, gen),
+                                      time.time() - t0)
         for coef in args.guidance_coefs:
             if coef != 0 and sampler is not None:
                 t0 = time.time()
@@ -1230,7 +1269,7 @@ def main(args: Args) -> dict:
             row = dict(policy=name, method=method, guidance_coef=coef, time_s=round(seconds, 2),
                        **diagnostics(traj, probe, log_prob_fn, obs_var, device))
             rows.append(row)
-            tag = f"{name}/{method}" + (f"_{coef:g}" if method == "pgd" else "")
+            tag = f"{name}/{method}" + (f"_{coef:g}" if method == "pgd" else "")  # pets, dydiff, dataset: no coef
             for t, v in enumerate(row["dyn_mse"], 1):
                 writer.add_scalar(f"dyn_mse/{tag}", v, t)
             writer.add_scalar(f"action_loglik/{tag}", row["action_loglik_mean"], 0)
@@ -1242,6 +1281,7 @@ def main(args: Args) -> dict:
     write_table(rows, steps, os.path.join(run_dir, "table.csv"))
     figures = plot(rows, run_dir)
     summary = dict(env_id=args.env_id, dataset_id=dataset_id, diffuser_checkpoint=args.diffuser_checkpoint,
+                   dydiff_checkpoint=args.dydiff_checkpoint,
                    policies=dict(zip(names, args.policy_checkpoints)), rollout_length=length, report_steps=steps,
                    dynamics=dyn_info, rows=rows, figures=[os.path.basename(f) for f in figures],
                    wall_time_s=time.time() - start, args=dataclasses.asdict(args))

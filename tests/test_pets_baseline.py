@@ -51,8 +51,9 @@ def test_shared_blocks_are_pgd_iqls():
     import sync_shared
     ours = sync_shared.blocks(open(os.path.join(ROOT, "pets_baseline.py")).read())
     theirs = sync_shared.blocks(open(os.path.join(ROOT, "pgd_iql.py")).read())
-    assert {"imports", "datasets", "diffuser", "sampler"} <= set(ours)
-    assert all(ours[k] == theirs[k] for k in ours)
+    dydiff = sync_shared.blocks(open(os.path.join(ROOT, "dydiff_td3bc.py")).read())
+    assert {"imports", "datasets", "diffuser", "sampler"} <= set(ours) and {"ensemble", "dydiff"} <= set(dydiff)
+    assert all(ours[k] == theirs.get(k, dydiff.get(k)) for k in ours)  # PGD's blocks, and DyDiff's ensemble/generator
 
 
 # ---------------------------------------------------------------- target policies
@@ -279,6 +280,26 @@ def test_end_to_end_tiny(store, tmp_path):
                                          sample_horizon=13, guidance_coefs=(0.0,), num_trajectories=8))
     assert longer["rollout_length"] == 12
     assert all(len(r["dyn_mse"]) == 12 for r in longer["rows"])
+    # DyDiff next to them (--dydiff-checkpoint; an untrained state model of the dataset's 23 channels, 8 rows): from the
+    # same start states, its actions the target policy's deterministic ones on its states
+    import dydiff_td3bc
+    config = dict(unet="residual", diffuser_channels=8, diffuser_mults=(1, 2), diffuser_kernel_size=3, sigma_data=1.0,
+                  horizon=8)
+    den = dydiff_td3bc.build_denoiser(config, 23)
+    torch.save(dict(ema=den.state_dict(), mean=torch.zeros(23), std=torch.ones(23), config=config, data_dim=23,
+                    dataset_id="mujoco/halfcheetah/medium-v0", kind="dydiff_state_model"), tmp_path / "state_model.pt")
+    dy = pb.main(dataclasses.replace(args, dynamics_checkpoint=str(run / "dynamics.pt"), runs_root=str(tmp_path / "d"),
+                                     dydiff_checkpoint=str(tmp_path / "state_model.pt"), dydiff_sampler_steps=4,
+                                     guidance_coefs=(0.0,), num_trajectories=8))
+    rows = {(r["policy"], r["method"]): r for r in dy["rows"]}
+    assert {("iql", "dydiff"), ("sac", "dydiff")} <= set(rows) and dy["rollout_length"] == 7
+    assert all(len(rows[(p, "dydiff")]["dyn_mse"]) == 7 and np.isfinite(rows[(p, "dydiff")]["dyn_mse_mean"])
+               for p in ("iql", "sac"))
+    # IQL's Gaussian is densest at its mean: relabelled (deterministic) actions beat PETS's sampled ones
+    assert rows[("iql", "dydiff")]["action_loglik_mean"] > rows[("iql", "pets")]["action_loglik_mean"]
+    bad = dataclasses.replace(args, dynamics_checkpoint=str(run / "dynamics.pt"), dydiff_checkpoint=str(diffuser))
+    with pytest.raises(SystemExit, match="not a DyDiff state model"):
+        pb.main(bad)
 
 
 def test_bad_inputs_give_clear_errors(store, tmp_path):
