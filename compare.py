@@ -24,6 +24,27 @@ import numpy as np
 import tyro
 
 VARIANTS = {"real": ["--synthetic-ratio", "0"], "unguided": ["--guidance-coef", "0"], "guided": []}
+DYDIFF = "dydiff_td3bc.py"  # one more row: DyDiff with the same agent, data and evaluation (its one variant: dydiff)
+
+
+def variants_of(args: "Args", script: str) -> list[str]:
+    return ["dydiff"] if script == DYDIFF else list(args.variants)
+
+
+def flags_for(script: str, extra: tuple[str, ...]) -> list[str]:
+    """The flags after `--` that name a field of `script`'s Args, with their values: PGD-only flags (--guidance-coef,
+    --regenerate-every, ...) do not reach dydiff_td3bc.py, DyDiff-only ones (--iterations, --dynamics-steps, ...) do not
+    reach the PGD scripts."""
+    import importlib
+    fields = {f.name for f in dataclasses.fields(importlib.import_module(script[:-3]).Args)}
+    keep, out = False, []
+    for token in extra:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            keep = name in fields or (name.startswith("no_") and name[3:] in fields)
+        if keep:
+            out.append(token)
+    return out
 
 
 @dataclass
@@ -82,7 +103,7 @@ def run(args: Args, script: str, variant: str, seed: int) -> dict:
     if args.report_only or done:  # a finished run is never rerun: a grid can be completed seed by seed
         return done
     cmd = [sys.executable, script, "--env-id", args.env_id, "--seed", str(seed), "--runs-root", root,
-           "--exp-name", f"{script[:-3]}-{variant}", *VARIANTS[variant], *args.extra]
+           "--exp-name", f"{script[:-3]}-{variant}", *VARIANTS.get(variant, []), *flags_for(script, args.extra)]
     print(" ".join(cmd), flush=True)
     start = time.time()
     with open(f"{root}.log", "w") as log:
@@ -100,15 +121,19 @@ def main(args: Args):
     if "--" in sys.argv:
         args = dataclasses.replace(args, extra=tuple(sys.argv[sys.argv.index("--") + 1:]))
     check_ranges(args, RANGES)
-    bad = [v for v in args.variants if v not in VARIANTS] + [s for s in args.scripts if s not in ("pgd_iql.py", "pgd_td3bc.py")]
+    bad = [v for v in args.variants if v not in VARIANTS] + [s for s in args.scripts if s not in ("pgd_iql.py", "pgd_td3bc.py", DYDIFF)]
     if bad or not args.seeds:
         raise SystemExit(f"error: {' '.join(bad) or '--seeds (none)'}: --variants take {', '.join(VARIANTS)}, "
-                         f"--scripts pgd_iql.py / pgd_td3bc.py, --seeds at least one")
+                         f"--scripts pgd_iql.py / pgd_td3bc.py / {DYDIFF}, --seeds at least one")
+    unknown = sorted({t.split("=")[0] for t in args.extra if t.startswith("--")} -
+                     {t.split("=")[0] for s in args.scripts for t in flags_for(s, args.extra) if t.startswith("--")})
+    if unknown:
+        raise SystemExit(f"error: {', '.join(unknown)}: no script of --scripts takes it (see each script's --help)")
     os.makedirs(args.runs_root, exist_ok=True)
-    jobs = [(s, v, seed) for seed in args.seeds for s in args.scripts for v in args.variants]
+    jobs = [(s, v, seed) for seed in args.seeds for s in args.scripts for v in variants_of(args, s)]
     # the first diffusion run of each seed trains and caches that seed's diffuser; the others then load it
-    first = {seed: next(j for j in jobs if j[2] == seed and j[1] != "real") for seed in args.seeds
-             if any(j[2] == seed and j[1] != "real" for j in jobs)}
+    diffusion = lambda j, seed: j[2] == seed and j[1] not in ("real", "dydiff")  # noqa: E731  (PGD's diffuser)
+    first = {seed: next(j for j in jobs if diffusion(j, seed)) for seed in args.seeds if any(diffusion(j, seed) for j in jobs)}
     with ThreadPoolExecutor(1 if args.report_only else args.jobs) as pool:
         results = dict(zip(first.values(), pool.map(lambda j: run(args, *j), first.values())))
         rest = [j for j in jobs if j not in results]
@@ -153,7 +178,7 @@ def tabulate(args: Args, results: dict) -> str:
     mech = ["| agent | data | log pi(a_syn) | log pi(a_real) | Q real | Q synthetic |", "|---|---|---|---|---|---|"]
     fmt = lambda m, se: f"{m:.1f} +- {se:.1f}"  # noqa: E731
     for s in args.scripts:
-        for v in args.variants:
+        for v in variants_of(args, s):
             rs = [results[(s, v, seed)] for seed in args.seeds if results.get((s, v, seed))]
             if not rs:
                 continue
@@ -177,16 +202,20 @@ def plot_figure4(args: Args, results: dict, path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     colours = dict(real="tab:gray", unguided="tab:blue", guided="tab:orange")
-    fig, axes = plt.subplots(1, len(args.scripts), figsize=(3.2 * len(args.scripts), 3.2), squeeze=False, sharey=True)
-    for ax, s in zip(axes[0], args.scripts):
-        for i, v in enumerate(args.variants):
+    panels = {}  # one panel per agent; DyDiff (TD3+BC) is one more bar in TD3+BC's panel
+    for s in args.scripts:
+        panels.setdefault(s.split("_")[-1][:-3], []).extend((s, v) for v in variants_of(args, s))
+    colours["dydiff"] = "tab:purple"
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False, sharey=True)
+    for ax, (agent, bars) in zip(axes[0], panels.items()):
+        for i, (s, v) in enumerate(bars):
             scores = [results[(s, v, seed)]["last_score"] for seed in args.seeds if results.get((s, v, seed))]
             if scores:
                 m, se = mean_se(scores)
                 ax.bar(i, m, yerr=se, color=colours.get(v, "tab:green"), capsize=4, alpha=0.85)
                 ax.scatter([i] * len(scores), scores, color="k", s=8, zorder=3)
-        ax.set_xticks(range(len(args.variants)), args.variants)
-        ax.set_title(s[:-3])
+        ax.set_xticks(range(len(bars)), [v for _, v in bars])
+        ax.set_title(agent)
     axes[0][0].set_ylabel(f"{args.env_id}: normalised score (last)")
     fig.tight_layout()
     fig.savefig(f"{path}.tmp", format="png", dpi=120)

@@ -758,19 +758,27 @@ def test_compare_runs_the_grid_then_reports_mean_and_standard_error(tiny_store, 
     flags = [a for a in TINY if a not in ("--env-id", "hopper-medium-replay")]
     flags = flags[:flags.index("--total-steps")] + ["--total-steps", "100"] + flags[flags.index("--total-steps") + 2:]
     out = tmp_path / "docs" / "compare.md"
+    dydiff = ["--dynamics-steps", "40", "--dynamics-hidden", "16", "--ensemble-size", "2", "--num-elites", "1",
+              "--rollout-every", "50", "--rollout-batch", "32"]  # DyDiff's own flags; PGD's never reach it
     cmd = [sys.executable, os.path.join(ROOT, "compare.py"), "--env-id", "hopper-medium-replay", "--scripts",
-           "pgd_td3bc.py", "--variants", "real", "guided", "--seeds", "1", "2", "--runs-root", str(tmp_path / "runs"),
-           "--out", str(out), "--", *flags, "--diffuser-cache-dir", str(tmp_path / "diffusers")]
+           "pgd_td3bc.py", "dydiff_td3bc.py", "--variants", "real", "guided", "--seeds", "1", "2", "--runs-root",
+           str(tmp_path / "runs"), "--out", str(out), "--", *flags, *dydiff, "--diffuser-cache-dir",
+           str(tmp_path / "diffusers")]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     runs = {d.name: json.loads(next(d.glob("*/results.json")).read_text()) for d in (tmp_path / "runs").iterdir()
             if d.is_dir()}
-    assert sorted(runs) == [f"pgd_td3bc__{v}__{s}" for v in ("guided", "real") for s in (1, 2)]
+    assert sorted(runs) == [f"dydiff_td3bc__dydiff__{s}" for s in (1, 2)] + \
+        [f"pgd_td3bc__{v}__{s}" for v in ("guided", "real") for s in (1, 2)]
+    assert all(len(runs[f"dydiff_td3bc__dydiff__{s}"]["time_breakdown"]["regenerations"]) == 2 for s in (1, 2))
     last = [runs[f"pgd_td3bc__guided__{s}"]["last_score"] for s in (1, 2)]
     se = np.std(last, ddof=1) / np.sqrt(2)
     text = out.read_text()
     assert f"| pgd_td3bc | guided | {np.mean(last):.1f} +- {se:.1f} |" in text
-    assert "log pi(a_syn)" in text and (tmp_path / "docs" / "compare.png").stat().st_size > 1000
+    assert "log pi(a_syn)" in text and "| dydiff_td3bc | dydiff |" in text
+    assert (tmp_path / "docs" / "compare.png").stat().st_size > 1000
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert again.returncode == 0 and "pgd_td3bc.py --env-id" not in again.stdout  # nothing rerun
+    assert again.returncode == 0 and "td3bc.py --env-id" not in again.stdout  # nothing rerun
+    typo = subprocess.run(cmd[:-2] + ["--no-such-flag", "1"], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert typo.returncode != 0 and "--no-such-flag" in typo.stderr and "Traceback" not in typo.stderr
     assert f"| pgd_td3bc | guided | {np.mean(last):.1f} +- {se:.1f} |" in again.stdout
