@@ -103,7 +103,8 @@ def run(args: Args, script: str, variant: str, seed: int) -> dict:
     if args.report_only or done:  # a finished run is never rerun: a grid can be completed seed by seed
         return done
     cmd = [sys.executable, script, "--env-id", args.env_id, "--seed", str(seed), "--runs-root", root,
-           "--exp-name", f"{script[:-3]}-{variant}", *VARIANTS.get(variant, []), *flags_for(script, args.extra)]
+           "--exp-name", f"{script[:-3]}-{variant}", *flags_for(script, args.extra), *VARIANTS.get(variant, [])]
+    # the variant's own flags come last and win: `-- --guidance-coef 0.3` sets the guided runs' coefficient only
     print(" ".join(cmd), flush=True)
     start = time.time()
     with open(f"{root}.log", "w") as log:

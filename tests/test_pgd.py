@@ -762,7 +762,7 @@ def test_compare_runs_the_grid_then_reports_mean_and_standard_error(tiny_store, 
               "--rollout-every", "50", "--rollout-batch", "32"]  # DyDiff's own flags; PGD's never reach it
     cmd = [sys.executable, os.path.join(ROOT, "compare.py"), "--env-id", "hopper-medium-replay", "--scripts",
            "pgd_td3bc.py", "dydiff_td3bc.py", "--variants", "real", "guided", "--seeds", "1", "2", "--runs-root",
-           str(tmp_path / "runs"), "--out", str(out), "--", *flags, *dydiff, "--diffuser-cache-dir",
+           str(tmp_path / "runs"), "--out", str(out), "--", *flags, *dydiff, "--guidance-coef", "0.2", "--diffuser-cache-dir",
            str(tmp_path / "diffusers")]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -771,6 +771,9 @@ def test_compare_runs_the_grid_then_reports_mean_and_standard_error(tiny_store, 
     assert sorted(runs) == [f"dydiff_td3bc__dydiff__{s}" for s in (1, 2)] + \
         [f"pgd_td3bc__{v}__{s}" for v in ("guided", "real") for s in (1, 2)]
     assert all(len(runs[f"dydiff_td3bc__dydiff__{s}"]["time_breakdown"]["regenerations"]) == 2 for s in (1, 2))
+    # the variant's flags win over the shared ones: the guided runs take --guidance-coef, the real runs stay real
+    assert runs["pgd_td3bc__guided__1"]["args"]["guidance_coef"] == 0.2
+    assert runs["pgd_td3bc__real__1"]["args"]["synthetic_ratio"] == 0
     last = [runs[f"pgd_td3bc__guided__{s}"]["last_score"] for s in (1, 2)]
     se = np.std(last, ddof=1) / np.sqrt(2)
     text = out.read_text()
