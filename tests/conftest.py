@@ -55,6 +55,16 @@ def module_minari_store(tmp_path_factory):
         os.environ["MINARI_DATASETS_PATH"] = old
 
 
+@pytest.fixture(scope="module")
+def tiny_store(module_minari_store):
+    """A tiny local `mujoco/hopper/medium-replay-v0` (noisy random policy) in a temporary Minari store."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    write_tiny_dataset("mujoco/hopper/medium-replay-v0", "Hopper-v5", 1500, 60,
+                       lambda d: np.clip(rng.normal(0, 0.3, d), -1, 1), rng, (-20.272305, 3234.3))
+    return module_minari_store
+
+
 def interval_bounds(interval: str):
     """'[1, inf)' -> (1.0, inf, low closed, high closed)."""
     low, high = (float(b) for b in interval[1:-1].split(","))

@@ -13,7 +13,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import dydiff_td3bc as dd  # noqa: E402
-from conftest import write_tiny_dataset  # noqa: E402
 
 OBS, ACT = 3, 2
 
@@ -157,14 +156,6 @@ def test_action_conditioned_model_follows_linear_dynamics():
 
 
 # ---------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def tiny_store(module_minari_store):
-    rng = np.random.default_rng(0)
-    write_tiny_dataset("mujoco/hopper/medium-replay-v0", "Hopper-v5", 1500, 60,
-                       lambda d: np.clip(rng.normal(0, 0.3, d), -1, 1), rng, (-20.272305, 3234.3))
-    return module_minari_store
-
-
 TINY = ["--env-id", "hopper-medium-replay", "--horizon", "8", "--diffuser-channels", "8", "--diffuser-mults", "1", "2",
         "--diffuser-steps", "60", "--sampler-steps", "4", "--dynamics-steps", "60", "--dynamics-eval-every", "20",
         "--dynamics-hidden", "32", "--ensemble-size", "3", "--num-elites", "2", "--total-steps", "200",

@@ -525,15 +525,6 @@ def test_shared_blocks_have_not_drifted():
 
 
 # ---------------------------------------------------------------- end to end (tiny local Minari dataset)
-@pytest.fixture(scope="module")
-def tiny_store(module_minari_store):
-    """A tiny local `mujoco/hopper/medium-replay-v0` (noisy random policy) in a temporary Minari store."""
-    rng = np.random.default_rng(0)
-    write_tiny_dataset("mujoco/hopper/medium-replay-v0", "Hopper-v5", 1500, 60,
-                       lambda d: np.clip(rng.normal(0, 0.3, d), -1, 1), rng, (-20.272305, 3234.3))
-    return module_minari_store
-
-
 TINY = ["--env-id", "hopper-medium-replay", "--horizon", "8", "--diffuser-channels", "16", "--diffuser-mults", "1", "2",
         "--diffuser-steps", "100", "--sampler-steps", "6", "--total-steps", "200", "--num-synthetic", "1000",
         "--regenerate-every", "100", "--eval-every", "100", "--eval-episodes", "2", "--log-every", "50"]
