@@ -919,12 +919,18 @@ class SimulatorProbe:
             self.keys = list(env.observation_space.spaces)
             self.sizes = [env.observation_space[k].shape[0] for k in self.keys]
             self.obs_dim, self.clip, self.tol = sum(self.sizes), None, clip_tolerance
+            # the desired goal is the task, not the state: a dataset's goal is replaced when reached, which no
+            # simulator step predicts, so the dynamics error counts the other channels only
+            starts = dict(zip(self.keys, np.cumsum([0] + self.sizes)))
+            self.dims = np.array([i for i in range(self.obs_dim)
+                                  if not starts["desired_goal"] <= i < starts["desired_goal"] + 2])
             return
         if name not in VELOCITY_CLIP:
             raise SystemExit(f"error: the dynamics probe supports {', '.join(VELOCITY_CLIP)} and PointMazeEnv, "
                              f"not {name}")
         self.nq, self.nv = self.u.model.nq, self.u.model.nv
         self.obs_dim, self.clip, self.tol = self.nq - 1 + self.nv, VELOCITY_CLIP[name], clip_tolerance
+        self.dims = np.arange(self.obs_dim)  # the observation channels the dynamics error counts
 
     def flagged(self, obs: np.ndarray) -> np.ndarray:
         if self.clip is None:
@@ -1019,7 +1025,7 @@ def pgd_trajectories(sampler: GuidedEDMSampler, coef: float, log_prob_fn: Option
 def diagnostics(traj: dict[str, torch.Tensor], probe: SimulatorProbe, log_prob_fn: Callable, obs_var: np.ndarray,
                 device: torch.device) -> dict:
     """Per rollout step t = 1..k (the transition s_{t-1}, a_{t-1} -> s_t) and overall:
-    dyn_mse   mean over obs dims of (s_t - sim(s_{t-1}, a_{t-1}))^2, in env units
+    dyn_mse   mean over obs dims (`probe.dims`: PointMaze's desired goal left out) of (s_t - sim(s_{t-1}, a_{t-1}))^2
     dyn_nmse  the same with each dim divided by the dataset's obs variance
     reward_se (r_{t-1} - simulator reward)^2
     action_loglik  log pi_target(a_{t-1} | s_{t-1})
@@ -1030,8 +1036,8 @@ def diagnostics(traj: dict[str, torch.Tensor], probe: SimulatorProbe, log_prob_f
     sim_next, sim_r, ok = probe.step(s, actions.reshape(n * k, -1).numpy())
     synth_next = obs[:, 1:].reshape(-1, od).numpy().astype(np.float64)
     ok &= mask.reshape(-1).numpy() & np.isfinite(synth_next).all(-1)
-    sq = np.where(ok[:, None], (synth_next - sim_next) ** 2, 0.0)
-    per = dict(dyn_mse=sq.mean(-1), dyn_nmse=(sq / obs_var).mean(-1),
+    sq = np.where(ok[:, None], (synth_next - sim_next) ** 2, 0.0)[:, probe.dims]
+    per = dict(dyn_mse=sq.mean(-1), dyn_nmse=(sq / obs_var[probe.dims]).mean(-1),
                reward_se=np.where(ok, (rewards.reshape(-1).numpy() - sim_r) ** 2, 0.0))
     logp = log_prob_fn(obs[:, :-1].to(device), actions.to(device)).cpu().numpy().reshape(-1)
     in_traj = mask.reshape(-1).numpy() & np.isfinite(logp)

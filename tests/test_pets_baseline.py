@@ -335,5 +335,11 @@ def test_probe_reproduces_pointmaze_transitions(minari_store, tmp_path):
     assert 0 < (~kept).sum() < 0.1 * len(kept)
     assert np.abs(next_obs[kept, 2:4] - tr["next_obs"][kept, 2:4]).max() < 1e-6
     assert np.abs(rewards - tr["rewards"]).max() < 1e-6
+    assert list(probe.dims) == state  # the dynamics error leaves the replaced goal out: real data scores 0
+    one_step = dict(obs=np.stack([tr["obs"], tr["next_obs"]], 1), actions=tr["actions"][:, None],
+                    rewards=tr["rewards"][:, None])  # every real transition, those with a new goal included
+    traj = {k: torch.as_tensor(v) for k, v in one_step.items()} | dict(mask=torch.ones(len(kept), 1, dtype=torch.bool))
+    diag = pb.diagnostics(traj, probe, lambda o, a: torch.zeros(a.shape[:-1]), np.ones(8), torch.device("cpu"))
+    assert diag["dyn_mse_mean"] < 1e-9
     other, _, _ = probe.step(tr["obs"][:50], np.clip(tr["actions"][:50] * -1, -1, 1))
     assert np.abs(other[:, 4:6] - tr["next_obs"][:50, 4:6]).max() > 1e-3  # another action, another position
