@@ -1066,6 +1066,13 @@ def write_table(rows: list[dict], steps: list[int], path: str):
         w.writerow(cols + [f"dyn_mse@{t}" for t in steps] + [f"dyn_nmse@{t}" for t in steps])
         for r in rows:
             w.writerow([r[c] for c in cols] + [r["dyn_mse"][t - 1] for t in steps] + [r["dyn_nmse"][t - 1] for t in steps])
+    lines = ["| policy | method | coef | action log-lik | " + " | ".join(f"dyn MSE @{t}" for t in steps) + " | dyn MSE mean |",
+             "|---" * (5 + len(steps)) + "|"]
+    for r in rows:
+        lines.append(f"| {r['policy']} | {r['method']} | {r['guidance_coef']:g} | {r['action_loglik_mean']:.4f} | "
+                     + " | ".join(f"{r['dyn_mse'][t - 1]:.3g}" for t in steps) + f" | {r['dyn_mse_mean']:.3g} |")
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:  # the same table for a report
+        f.write("\n".join(lines) + "\n")
 
 
 def plot(rows: list[dict], run_dir: str) -> list[str]:
@@ -1293,7 +1300,7 @@ def main(args: Args) -> dict:
                    wall_time_s=time.time() - start, args=dataclasses.asdict(args))
     atomic_json(summary, os.path.join(run_dir, "results.json"))
     writer.close()
-    print(f"wrote table.csv, results.json and {len(figures)} figures to {run_dir} ({summary['wall_time_s']:.0f}s)")
+    print(f"wrote table.csv/.md, results.json and {len(figures)} figures to {run_dir} ({summary['wall_time_s']:.0f}s)")
     return summary
 
 

@@ -264,6 +264,9 @@ def test_end_to_end_tiny(store, tmp_path):
     with open(run / "table.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 8 and {"dyn_mse@1", "dyn_mse@3", "dyn_mse@7", "action_loglik_mean"} <= set(table[0])
+    md = (run / "table.md").read_text().splitlines()
+    assert len(md) == 2 + 8 and md[0].startswith("| policy | method | coef | action log-lik | dyn MSE @1")
+    assert f"| sac | pets | 0 | {rows[('sac', 'pets', 0.0)]['action_loglik_mean']:.4f} |" in "\n".join(md)
     r = rows[("sac", "pets", 0.0)]
     (line,) = [t for t in table if t["policy"] == "sac" and t["method"] == "pets"]
     assert math.isclose(float(line["dyn_mse@3"]), r["dyn_mse"][2]) and math.isclose(float(line["dyn_mse_mean"]), r["dyn_mse_mean"])
