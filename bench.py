@@ -191,7 +191,24 @@ def bench_agent(module, b: BenchArgs, device: torch.device) -> dict:
 
     updates()  # warm-up
     t = best_time(updates, b.repeats, device)
-    return dict(updates_per_s=b.agent_updates / t, batch=batch_size)
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:  # the matmul FLOPs per update, backward included (two updates:
+        agent.update(batch)                          # TD3+BC's actor runs every other one)
+        agent.update(batch)
+    return dict(updates_per_s=b.agent_updates / t, batch=batch_size, flops=counter.get_total_flops() / 2)
+
+
+def matmul_rate(n: int, b: BenchArgs, device: torch.device) -> float:
+    """FLOP/s of one float32 [n, n] @ [n, n] matmul (the agents' hidden-layer shape at batch n = 256), best of repeats."""
+    x, w = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    reps = 20 if b.quick else 500
+
+    def run():
+        for _ in range(reps):
+            torch.mm(x, w)
+
+    run()
+    return reps * 2 * n ** 3 / best_time(run, b.repeats, device)
 
 
 def profile_sampler(b: BenchArgs, diffuser: dict, compiled: bool, device: torch.device):
@@ -271,12 +288,20 @@ def main(b: BenchArgs):
                      f"{r['params'] / 1e6:.2f}M params, channels {diffuser['diffuser_channels']}, mults "
                      f"{tuple(diffuser['diffuser_mults'])}, kernel {diffuser['diffuser_kernel_size']}, batch {r['batch']}"))
         print(f"{rows[-1][0]}: {rows[-1][1]}", flush=True)
+    if "agents" in only:  # where the agents' limit is: their matmul FLOP rate against a plain matmul's
+        n = 8 if b.quick else 256
+        peak = matmul_rate(n, b, device)
+        rows.append((f"matmul {n}x{n}x{n}, float32", f"{peak / 1e9:.3g} GFLOP/s", "torch.mm, the agents' layer shape"))
+        print(f"{rows[-1][0]}: {rows[-1][1]}", flush=True)
     for label, module in (("IQL", pgd_iql), ("TD3+BC", pgd_td3bc)) if "agents" in only else ():
         if module is None:
             continue
         r = bench_agent(module, b, device)
-        rows.append((f"agent updates, {label}", f"{r['updates_per_s']:.3g} updates/s", f"batch {r['batch']}"))
-        print(f"{rows[-1][0]}: {rows[-1][1]}", flush=True)
+        achieved = r["flops"] * r["updates_per_s"]
+        rows.append((f"agent updates, {label}", f"{r['updates_per_s']:.3g} updates/s",
+                     f"batch {r['batch']}; {r['flops'] / 1e6:.0f} MFLOP of matmuls per update, {achieved / 1e9:.3g} "
+                     f"GFLOP/s = {100 * achieved / peak:.0f}% of the plain matmul's rate"))
+        print(f"{rows[-1][0]}: {rows[-1][1]} ({rows[-1][2]})", flush=True)
 
     print(f"\n## PGD benchmark{' (--quick: smoke test, not a measurement)' if b.quick else ''}\n")
     print("\n".join(machine_info(device)))

@@ -37,3 +37,8 @@ def test_bench_only_times_the_chosen_parts():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| agent updates, IQL |" in out.stdout and "| agent updates, TD3+BC |" in out.stdout
     assert "| sampler" not in out.stdout and "| diffuser training" not in out.stdout
+    # the agents' matmul FLOPs per update (FlopCounterMode) next to a plain matmul's rate: TD3+BC (one actor update
+    # every other step) does fewer than IQL (actor, value and critics every step)
+    flops = {k: float(re.search(rf"\| agent updates, {k} \|.*?; (\d+) MFLOP of matmuls per update", out.stdout).group(1))
+             for k in ("IQL", "TD3\\+BC")}
+    assert 0 < flops["TD3\\+BC"] < flops["IQL"] and "| matmul 8x8x8, float32 |" in out.stdout
