@@ -161,10 +161,10 @@ def mean_se(values) -> tuple[float, float]:
 
 
 def mechanism(r: dict) -> dict:
-    """Per run: mean action log-likelihood of the guided (else all) synthetic sets under the policy that made them,
+    """Per run: mean action log-likelihood of the synthetic sets after the first under the policy that made them,
     the real data's under the same policy, and the critics' mean Q on real and synthetic batches at the last evaluation."""
     regens = r.get("time_breakdown", {}).get("regenerations", [])
-    regens = [g for g in regens if g.get("guided")] or regens
+    regens = [g for g in regens if g["step"] > 1]  # the first set is made before the policy has learnt anything
     last = r["history"][-1]
     out = dict(q_real=last.get("q_real", np.nan), q_synthetic=last.get("q_synthetic", np.nan))
     if regens and "action_log_prob" in regens[0]:
@@ -187,11 +187,12 @@ def tabulate(args: Args, results: dict) -> str:
             lines.append(f"| {s[:-3]} | {v} | {fmt(*last)} | {fmt(*best)} | "
                          f"{np.mean([r['wall_time_s'] for r in rs]) / 60:.1f} | {len(rs)} |")
             ms = [mechanism(r) for r in rs]
-            cell = lambda k: fmt(*mean_se([m[k] for m in ms])) if all(np.isfinite(m.get(k, np.nan)) for m in ms) else "-"  # noqa: E731
-            mech.append(f"| {s[:-3]} | {v} | {cell('logp_synthetic')} | {cell('logp_real')} | {cell('q_real')} | "
+            cell = lambda k, d=2: ("{:.{d}f} +- {:.{d}f}".format(*mean_se([m[k] for m in ms]), d=d)  # noqa: E731
+                                   if all(np.isfinite(m.get(k, np.nan)) for m in ms) else "-")
+            mech.append(f"| {s[:-3]} | {v} | {cell('logp_synthetic', 3)} | {cell('logp_real', 3)} | {cell('q_real')} | "
                         f"{cell('q_synthetic')} |")
     return ("\n".join(lines) + "\n\nMechanism (mean +- standard error over seeds): action log-likelihood under the "
-            "current policy of the synthetic sets it guided (all sets when unguided) and of the real data at the same "
+            "current policy of the synthetic sets after the first (made at step 1, before any learning) and of the real data at the same "
             "moments; the critics' mean min(Q1, Q2) on 4096 real and 4096 synthetic transitions at the last evaluation.\n\n"
             + "\n".join(mech))
 
