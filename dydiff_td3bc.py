@@ -98,6 +98,10 @@ class Args:
     """EDM training noise distribution: ln(sigma) ~ N(P_mean, P_std^2)"""
     P_std: float = 1.2
     """EDM training noise distribution: ln(sigma) ~ N(P_mean, P_std^2)"""
+    clean_known_input: bool = False
+    """if toggled, the clamped entries (s_0, the actions) enter the U-Net clean and unscaled at every noise level, in
+    training and sampling (a departure from DyDiff, whose EDM input scaling shrinks them by 1/sqrt(sigma^2 +
+    sigma_data^2) and whose churn noises them: README, *DyDiff*)"""
     state_model_checkpoint: Optional[str] = None
     """reuse this state model (`state_model.pt` of a --save-model run) instead of training one"""
     sampler_steps: int = 34
@@ -506,11 +510,13 @@ class PlainUNet(nn.Module):
 
 
 class EDMDenoiser(nn.Module):
-    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) with the preconditioning of EDM Table 1."""
+    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) with the preconditioning of EDM Table 1. With
+    `clean_known_input`, the entries marked `known` (inpainting conditioning: given clean) enter F as they are, not
+    scaled by c_in = 1 / sqrt(sigma^2 + sigma_data^2), so F reads them at every noise level (dydiff_td3bc.py)."""
 
-    def __init__(self, net: nn.Module, sigma_data: float):
+    def __init__(self, net: nn.Module, sigma_data: float, clean_known_input: bool = False):
         super().__init__()
-        self.net, self.sigma_data = net, sigma_data
+        self.net, self.sigma_data, self.clean_known_input = net, sigma_data, clean_known_input
 
     def preconditioning(self, sigma: torch.Tensor):
         sd2, s2 = self.sigma_data ** 2, sigma ** 2
@@ -520,11 +526,12 @@ class EDMDenoiser(nn.Module):
         c_noise = sigma.log() / 4
         return c_skip, c_out, c_in, c_noise
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, known: Optional[torch.Tensor] = None) -> torch.Tensor:
         sigma = sigma.reshape(-1).expand(x.shape[0])
         c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
         c_skip, c_out, c_in = (c[:, None, None] for c in (c_skip, c_out, c_in))
-        return c_skip * x + c_out * self.net(c_in * x, c_noise)
+        net_in = torch.where(known, x, c_in * x) if known is not None and self.clean_known_input else c_in * x
+        return c_skip * x + c_out * self.net(net_in, c_noise)
 
 
 def edm_loss(denoiser: EDMDenoiser, x: torch.Tensor, P_mean: float, P_std: float, noise=None, rnd_normal=None,
@@ -538,7 +545,7 @@ def edm_loss(denoiser: EDMDenoiser, x: torch.Tensor, P_mean: float, P_std: float
     sd = denoiser.sigma_data
     weight = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
     noisy = x + noise * sigma[:, None, None]
-    denoised = denoiser(noisy if known is None else torch.where(known, x, noisy), sigma)
+    denoised = denoiser(noisy if known is None else torch.where(known, x, noisy), sigma, known)
     return (weight[:, None, None] * (denoised - x) ** 2).mean()
 
 
@@ -554,7 +561,7 @@ UNETS = {"residual": TemporalUNet, "plain": PlainUNet}
 def build_denoiser(config: dict, data_dim: int) -> EDMDenoiser:
     unet = UNETS[config.get("unet", "residual")]
     net = unet(data_dim, config["diffuser_channels"], tuple(config["diffuser_mults"]), config["diffuser_kernel_size"])
-    return EDMDenoiser(net, config["sigma_data"])
+    return EDMDenoiser(net, config["sigma_data"], config.get("clean_known_input", False))
 
 
 def atomic_torch_save(obj, path: str):
@@ -689,10 +696,10 @@ class GuidedEDMSampler(nn.Module):
         self.gammas = torch.where(in_churn, min(S_churn / sampler_steps, math.sqrt(2) - 1), 0.0)
         self.step_fn = torch.compile(self.step, fullgraph=True, dynamic=False) if compile else self.step
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, known: Optional[torch.Tensor] = None) -> torch.Tensor:
         """D(x; sigma); with --sampler-bf16 the network F runs in bfloat16 autocast, D's output is float32."""
         with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16):
-            return self.denoiser(x, sigma)
+            return self.denoiser(x, sigma, known)
 
     def action_score(self, x: torch.Tensor, log_prob_fn: Callable) -> torch.Tensor:
         """grad of sum_t log pi(tanh(unnorm a_t) | unnorm s_t) w.r.t. the normalised action channels [B, H, act_dim]."""
@@ -718,17 +725,20 @@ class GuidedEDMSampler(nn.Module):
              values: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Guidance, then one step of EDM Algorithm 2 (lines 4-11); the last step (to t = 0) has neither guidance
         nor the second-order correction. Inpainting: the `known` entries are reset to `values` after the Euler step
-        and after the correction (as DyDiff's sampler), so the correction sees them clean too."""
+        and after the correction (as DyDiff's sampler), so the correction sees them clean too; a denoiser with
+        `clean_known_input` also gets them clean after the churn (unscaled, the churn's noise would reach F)."""
         if log_prob_fn is not None and not last:
             x = self.guide(x, t_cur, lam, log_prob_fn)
         t_hat = t_cur + gamma * t_cur  # line 5: raise the noise level by the churn
         x_hat = x + (t_hat ** 2 - t_cur ** 2).sqrt() * self.S_noise * noise  # line 6
-        d_cur = (x_hat - self.denoise(x_hat, t_hat)) / t_hat  # line 7
+        if known is not None and self.denoiser.clean_known_input:
+            x_hat = torch.where(known, values, x_hat)
+        d_cur = (x_hat - self.denoise(x_hat, t_hat, known)) / t_hat  # line 7
         x_next = (x_hat if self.euler_from_churned else x) + (t_next - t_hat) * d_cur  # line 8
         x_next = x_next if known is None else torch.where(known, values, x_next)
         if last:  # line 9: t_next = 0
             return x_next
-        d_prime = (x_next - self.denoise(x_next, t_next)) / t_next  # line 10
+        d_prime = (x_next - self.denoise(x_next, t_next, known)) / t_next  # line 10
         x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)  # line 11
         return x_next if known is None else torch.where(known, values, x_next)
 
@@ -1251,10 +1261,11 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, run_start: fl
     timing["ensemble_s"] = time.time() - t0
     t0 = time.time()
     known = state_model_known(args.horizon, obs_dim, act_dim)
-    config = {k: getattr(args, k) for k in DIFFUSER_FIELDS}
+    config = {**{k: getattr(args, k) for k in DIFFUSER_FIELDS}, "clean_known_input": args.clean_known_input}
     curve = []
     if args.state_model_checkpoint:
         denoiser, normalizer, ckpt = load_diffuser(args.state_model_checkpoint, device)
+        config, curve = ckpt["config"], ckpt.get("curve", [])
         if ckpt["data_dim"] != obs_dim + act_dim or ckpt.get("kind") != "dydiff_state_model":
             raise SystemExit(f"error: {args.state_model_checkpoint} is not a DyDiff state model of this dataset's "
                              f"{obs_dim} + {act_dim} channels; pass the state_model.pt of a dydiff_td3bc.py run")

@@ -73,6 +73,39 @@ def test_iteration_averages_the_sampled_states_with_the_previous_ones():
     torch.testing.assert_close(m1["obs"][:, 1:], (sampled[:, 1:] + m0["obs"][:, 1:]) / 2)
 
 
+class RecordingNet(torch.nn.Module):
+    """F(x; c_noise) = 0.1 x, recording what F is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def forward(self, x, c_noise):
+        self.inputs.append(x.clone())
+        return 0.1 * x
+
+
+@pytest.mark.parametrize("clean", [False, True])
+def test_clean_known_input_gives_the_network_the_clamped_entries_unscaled_at_every_call(clean):
+    """--clean-known-input: at every denoiser call of an inpainted sampling pass (after the churn too) the U-Net reads
+    s_0 and the actions exactly as given; DyDiff's way (the default) hands them over scaled by c_in and, in the churned
+    calls, noised."""
+    net, H = RecordingNet(), 5
+    den = dd.EDMDenoiser(net, sigma_data=1.0, clean_known_input=clean)
+    norm = dd.Normalizer(torch.zeros(OBS + ACT), torch.ones(OBS + ACT))
+    sampler = dd.GuidedEDMSampler(den, norm, OBS, ACT, **{**dd.DYDIFF_SAMPLER, "sampler_steps": 6})
+    known = dd.state_model_known(H, OBS, ACT)[None].expand(3, H, OBS + ACT)
+    values = torch.randn(3, H, OBS + ACT)
+    sampler(3, H, torch.Generator().manual_seed(0), inpaint=(known, values))
+    assert len(net.inputs) == 2 * 6 - 1
+    exact = [torch.equal(x[known], values[known]) for x in net.inputs]
+    assert all(exact) if clean else not any(exact)
+    # training sees them the same way
+    net.inputs.clear()
+    dd.edm_loss(den, values, -1.2, 1.2, known=known)
+    assert torch.equal(net.inputs[0][known], values[known]) == clean
+
+
 def test_reward_filter_keeps_the_top_fraction():
     returns = torch.arange(10.0)
     assert dd.reward_filter(returns, 0.6).tolist() == [False] * 4 + [True] * 6

@@ -34,11 +34,13 @@ def new_sampler(module, den, norm, obs_dim, act_dim, **kw):
 class GaussianDenoiser(torch.nn.Module):
     """Exact denoiser of N(mu, s^2) data per channel: D(x; sigma) = (s^2 x + sigma^2 mu) / (s^2 + sigma^2)."""
 
+    clean_known_input = False
+
     def __init__(self, mu, s):
         super().__init__()
         self.mu, self.s, self.calls = torch.as_tensor(mu), torch.as_tensor(s), 0
 
-    def forward(self, x, sigma):
+    def forward(self, x, sigma, known=None):
         self.calls += 1
         s2 = sigma.reshape(-1, 1, 1) ** 2
         return (self.s ** 2 * x + s2 * self.mu) / (self.s ** 2 + s2)
@@ -222,7 +224,7 @@ def test_edm_loss_gives_known_entries_clean():
     class Recorder(torch.nn.Module):
         sigma_data = 1.0
 
-        def forward(self, x, sigma):
+        def forward(self, x, sigma, known=None):
             seen.append(x.clone())
             return x
 
