@@ -98,10 +98,11 @@ class Args:
     """EDM training noise distribution: ln(sigma) ~ N(P_mean, P_std^2)"""
     P_std: float = 1.2
     """EDM training noise distribution: ln(sigma) ~ N(P_mean, P_std^2)"""
-    clean_known_input: bool = False
-    """if toggled, the clamped entries (s_0, the actions) enter the U-Net clean and unscaled at every noise level, in
-    training and sampling (a departure from DyDiff, whose EDM input scaling shrinks them by 1/sqrt(sigma^2 +
-    sigma_data^2) and whose churn noises them: README, *DyDiff*)"""
+    clean_known_input: bool = True
+    """the clamped entries (s_0, the actions) enter the U-Net clean and unscaled at every noise level, in training and
+    sampling; `--no-clean-known-input` is DyDiff's own conditioning (EDM's input scaling shrinks them by 1/sqrt(sigma^2
+    + sigma_data^2), the churn noises them), which at this harness's training budget ignores s_0 at high noise (README,
+    *DyDiff*). A loaded --state-model-checkpoint keeps its own."""
     state_model_checkpoint: Optional[str] = None
     """reuse this state model (`state_model.pt` of a --save-model run) instead of training one"""
     sampler_steps: int = 34
@@ -1018,6 +1019,26 @@ def dydiff_transitions(traj: dict[str, torch.Tensor], ensemble: "ProbabilisticEn
     return out, stats
 
 
+@torch.no_grad()
+def state_model_check(sampler: GuidedEDMSampler, windows: torch.Tensor, generator: torch.Generator,
+                      sigmas: tuple[float, ...] = (0.1, 1.0, 10.0, 80.0)) -> dict:
+    """How well the state model does its one job on held-out windows [N, H, obs + act] (env units, arctanh actions):
+    given s_0 and the windows' own actions, the mean squared error of its states per step against the real ones; and
+    the denoising error of the step-1 states at a few noise levels (known entries clean): a model that reads s_0 has a
+    small error even at sigma 80, one that ignores it about 1 (the prior's). Normalised units, state channels."""
+    obs_dim, horizon, device = sampler.obs_dim, windows.shape[1], sampler.normalizer.mean.device
+    x = sampler.normalizer.normalize(windows.to(device))
+    known = state_model_known(horizon, obs_dim, sampler.act_dim).to(device)[None].expand_as(x)
+    out = sampler(len(x), horizon, generator, inpaint=(known, x))
+    denoise = {}
+    for sigma in sigmas:
+        noisy = torch.where(known, x, x + torch.randn(x.shape, generator=generator).to(device) * sigma)
+        d = sampler.denoiser(noisy, torch.tensor(sigma, device=device), known)
+        denoise[f"{sigma:g}"] = float(((d - x)[:, 1, :obs_dim] ** 2).mean())
+    return dict(windows=len(x), rollout_mse=((out - x)[..., :obs_dim] ** 2).mean((0, 2)).tolist(),
+                step1_denoise_mse=denoise)
+
+
 class RingBuffer:
     """The synthetic transitions, the oldest overwritten first once `capacity` is reached."""
 
@@ -1263,6 +1284,9 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, run_start: fl
     known = state_model_known(args.horizon, obs_dim, act_dim)
     config = {**{k: getattr(args, k) for k in DIFFUSER_FIELDS}, "clean_known_input": args.clean_known_input}
     curve = []
+    train_eps = [e for e, v in zip(episodes, val_mask) if not v]
+    val_eps = [e for e, v in zip(episodes, val_mask) if v] or train_eps
+    val_windows = make_windows(val_eps, args.horizon, args.window_stride)[..., :obs_dim + act_dim]
     if args.state_model_checkpoint:
         denoiser, normalizer, ckpt = load_diffuser(args.state_model_checkpoint, device)
         config, curve = ckpt["config"], ckpt.get("curve", [])
@@ -1270,16 +1294,18 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, run_start: fl
             raise SystemExit(f"error: {args.state_model_checkpoint} is not a DyDiff state model of this dataset's "
                              f"{obs_dim} + {act_dim} channels; pass the state_model.pt of a dydiff_td3bc.py run")
     else:
-        train_eps = [e for e, v in zip(episodes, val_mask) if not v]
-        val_eps = [e for e, v in zip(episodes, val_mask) if v] or train_eps
         windows = make_windows(train_eps, args.horizon, args.window_stride)[..., :obs_dim + act_dim]
-        val_windows = (make_windows(val_eps, args.horizon, args.window_stride) if val_mask.any()
-                       else windows)[..., :obs_dim + act_dim]
         denoiser, normalizer, curve = train_diffuser(config, windows, val_windows, writer, device, known)
         denoiser.requires_grad_(False)
     timing["state_model_s"] = time.time() - t0
     sampler = GuidedEDMSampler(denoiser, normalizer, obs_dim, act_dim,
                                **{**DYDIFF_SAMPLER, "sampler_steps": args.sampler_steps, "compile": args.compile})
+    check_windows = torch.as_tensor(val_windows[np.random.default_rng(args.seed).permutation(len(val_windows))[:256]])
+    check = state_model_check(sampler, check_windows, torch.Generator().manual_seed(args.seed + 1))
+    mse = check["rollout_mse"]
+    print(f"state model on {check['windows']} held-out windows (s_0 and their actions given): state MSE step 1 "
+          f"{mse[1]:.3g}, step {len(mse) - 1} {mse[-1]:.3g}, mean {np.mean(mse[1:]):.3g} (normalised); step-1 "
+          f"denoising MSE by sigma {check['step1_denoise_mse']}")
 
     torch.manual_seed(args.seed)  # the agent's randomness must not depend on what was trained or loaded
     agent = make_agent(args, act_dim, stats).to(device)
@@ -1354,7 +1380,7 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, run_start: fl
     summary = dict(status="finished", env_id=args.env_id, dataset_id=dataset.spec.dataset_id, exp_name=args.exp_name,
                    seed=args.seed, last_score=history[-1]["score_mean"], best_score=best["score_mean"],
                    best_step=best["step"], agent_time_s=time.time() - start, wall_time_s=time.time() - run_start,
-                   history=history, ensemble=ensemble_info, state_model_curve=curve, time_breakdown=time_breakdown,
+                   history=history, ensemble=ensemble_info, state_model_curve=curve, state_model_check=check, time_breakdown=time_breakdown,
                    args=dataclasses.asdict(args))
     atomic_json(summary, os.path.join(run_dir, "results.json"))
     if args.save_model:

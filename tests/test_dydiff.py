@@ -206,7 +206,7 @@ def run(args, store, tmp_path, check=True):
 
 
 def test_end_to_end_tiny(tiny_store, tmp_path):
-    p = run(TINY + ["--save-model"], tiny_store, tmp_path)
+    p = run(TINY + ["--save-model", "--no-clean-known-input"], tiny_store, tmp_path)
     (run_dir,) = (tmp_path / "runs").iterdir()
     res = json.loads((run_dir / "results.json").read_text())
     assert res["status"] == "finished" and [h["step"] for h in res["history"]] == [100, 200]
@@ -214,9 +214,18 @@ def test_end_to_end_tiny(tiny_store, tmp_path):
     assert [g["step"] for g in gens] == [1, 101] and all(g["kept"] == round(0.6 * 64) or g["kept"] >= 38 for g in gens)
     assert all(0 < g["transitions"] <= g["kept"] * 7 for g in gens) and "q_synthetic" in res["history"][-1]
     assert "time: data" in p.stdout
-    # the saved state model is reusable, and a wrong checkpoint is one line
-    again = run(TINY + ["--state-model-checkpoint", str(run_dir / "state_model.pt")], tiny_store, tmp_path / "b")
+    check = res["state_model_check"]  # s_0 is given, so its error is exactly 0; the later states are generated
+    assert len(check["rollout_mse"]) == 8 and check["rollout_mse"][0] == 0 and min(check["rollout_mse"][1:]) > 0
+    assert set(check["step1_denoise_mse"]) == {"0.1", "1", "10", "80"}
+    # the saved state model is reusable (with its own conditioning, not the default clean input), and a wrong
+    # checkpoint is one line
+    again = run(TINY + ["--state-model-checkpoint", str(run_dir / "state_model.pt"), "--save-model"], tiny_store,
+                tmp_path / "b")
     assert "training diffuser" not in again.stdout
+    (again_dir,) = (tmp_path / "b" / "runs").iterdir()
+    saved = torch.load(again_dir / "state_model.pt", weights_only=True)
+    assert saved["config"].get("clean_known_input", False) is False
+    assert json.loads((again_dir / "results.json").read_text())["state_model_check"] == check
     bad = run(TINY + ["--state-model-checkpoint", str(run_dir / "policy.pt")], tiny_store, tmp_path / "c", check=False)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and bad.stderr.strip().count("\n") == 0
 
