@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import tyro
 
+# SHARED BEGIN: script_flags
 VARIANTS = {"real": ["--synthetic-ratio", "0"], "unguided": ["--guidance-coef", "0"], "guided": []}
 DYDIFF = "dydiff_td3bc.py"  # one more row: DyDiff with the same agent, data and evaluation (its one variant: dydiff)
+SCRIPTS = ("pgd_iql.py", "pgd_td3bc.py", DYDIFF)
 
 
-def variants_of(args: "Args", script: str) -> list[str]:
+def variants_of(args, script: str) -> list[str]:
     return ["dydiff"] if script == DYDIFF else list(args.variants)
 
 
@@ -45,6 +47,23 @@ def flags_for(script: str, extra: tuple[str, ...]) -> list[str]:
         if keep:
             out.append(token)
     return out
+
+
+def check_scripts_and_flags(args):
+    """One line and exit for an unknown variant or script, or a flag after `--` that no script of --scripts takes."""
+    for what, values, known in (("--variants", args.variants, tuple(VARIANTS)), ("--scripts", args.scripts, SCRIPTS)):
+        bad = [v for v in values if v not in known]
+        if bad or not values:
+            raise SystemExit(f"error: {what} {' '.join(bad) or '(none)'}: use some of {', '.join(known)}")
+    if not args.seeds:
+        raise SystemExit("error: --seeds (none): give at least one")
+    unknown = sorted({t.split("=")[0] for t in args.extra if t.startswith("--")} -
+                     {t.split("=")[0] for s in args.scripts for t in flags_for(s, args.extra) if t.startswith("--")})
+    if unknown:
+        raise SystemExit(f"error: {', '.join(unknown)}: no script of --scripts takes it (see each script's --help)")
+
+
+# SHARED END: script_flags
 
 
 @dataclass
@@ -122,14 +141,7 @@ def main(args: Args):
     if "--" in sys.argv:
         args = dataclasses.replace(args, extra=tuple(sys.argv[sys.argv.index("--") + 1:]))
     check_ranges(args, RANGES)
-    bad = [v for v in args.variants if v not in VARIANTS] + [s for s in args.scripts if s not in ("pgd_iql.py", "pgd_td3bc.py", DYDIFF)]
-    if bad or not args.seeds:
-        raise SystemExit(f"error: {' '.join(bad) or '--seeds (none)'}: --variants take {', '.join(VARIANTS)}, "
-                         f"--scripts pgd_iql.py / pgd_td3bc.py / {DYDIFF}, --seeds at least one")
-    unknown = sorted({t.split("=")[0] for t in args.extra if t.startswith("--")} -
-                     {t.split("=")[0] for s in args.scripts for t in flags_for(s, args.extra) if t.startswith("--")})
-    if unknown:
-        raise SystemExit(f"error: {', '.join(unknown)}: no script of --scripts takes it (see each script's --help)")
+    check_scripts_and_flags(args)
     os.makedirs(args.runs_root, exist_ok=True)
     jobs = [(s, v, seed) for seed in args.seeds for s in args.scripts for v in variants_of(args, s)]
     # the first diffusion run of each seed trains and caches that seed's diffuser; the others then load it

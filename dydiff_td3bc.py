@@ -60,6 +60,13 @@ class Args:
     """the wandb project name"""
     save_model: bool = False
     """if toggled, save the final agent, its policy checkpoint and the state model to the run dir"""
+    checkpoint_every: int = 0
+    """agent steps between atomic checkpoints of the whole run (`checkpoint.pt` in its run dir: the ensemble, the state
+    model, the agent, the ring buffer, the RNG states; 0: only when stopped by SIGTERM/SIGUSR2, e.g. a SLURM
+    preemption); --resume continues from it"""
+    resume: bool = False
+    """continue the newest unfinished run of this --env-id/--exp-name/--seed under --runs-root from its checkpoint
+    (a new run when there is none; a finished one is reported, not rerun)"""
 
     # Action-conditioned state model (EDM over [obs, arctanh(action)] windows; s_0 and the actions inpainted)
     horizon: int = 32
@@ -199,7 +206,7 @@ RANGES = dict(horizon="[2, inf)", window_stride="[1, inf)", val_fraction="[0, 1)
               num_elites="[1, inf)", dynamics_hidden="[1, inf)", dynamics_layers="[1, inf)", dynamics_lr="(0, inf)",
               dynamics_weight_decay="[0, inf)", dynamics_batch_size="[1, inf)", dynamics_steps="[1, inf)",
               dynamics_eval_every="[1, inf)", dynamics_patience="[1, inf)", dynamics_val_fraction="[0, 1)",
-              dynamics_max_holdout="[1, inf)", logvar_loss_coef="[0, inf)", iterations="[0, inf)",
+              dynamics_max_holdout="[1, inf)", logvar_loss_coef="[0, inf)", iterations="[0, inf)", checkpoint_every="[0, inf)",
               rollout_batch="[1, inf)", rollout_every="[1, inf)", keep_fraction="(0, 1]", buffer_size="[1, inf)",
               sample_batch_size="[1, inf)", total_steps="[1, inf)", batch_size="[1, inf)", real_ratio="[0, 1]",
               eval_every="[1, inf)", eval_episodes="[1, inf)", log_every="[1, inf)", gamma="[0, 1]", tau="(0, 1]",
@@ -1058,6 +1065,14 @@ class RingBuffer:
         idx = torch.randint(self.size, (n,), device=self.data["obs"].device)
         return {k: v[idx] for k, v in self.data.items()}
 
+    def state_dict(self) -> dict:
+        return dict(data={k: v[:self.size].cpu() for k, v in self.data.items()}, size=self.size, pos=self.pos)
+
+    def load_state_dict(self, state: dict):
+        for k, v in state["data"].items():
+            self.data[k][:state["size"]] = v.to(self.data[k].device)
+        self.size, self.pos = state["size"], state["pos"]
+
 
 # SHARED BEGIN: td3bc
 # ALGO LOGIC: TD3+BC (Fujimoto & Gu, 2021)
@@ -1226,6 +1241,81 @@ def make_run_dir(args: Args) -> str:
 # SHARED END: run_dirs
 
 
+# SHARED BEGIN: resume
+def resumable_run(args: Args) -> tuple[Optional[str], Optional[dict]]:
+    """The newest run dir of this env/exp/seed under --runs-root: (dir, its results.json if it finished), or
+    (None, None) when there is none to resume (or the newest failed: a new run starts)."""
+    prefix = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__"
+    dirs = [os.path.join(args.runs_root, d) for d in os.listdir(args.runs_root) if d.startswith(prefix)] \
+        if os.path.isdir(args.runs_root) else []
+    for run_dir in sorted(dirs, key=os.path.getmtime, reverse=True):
+        if os.path.isfile(os.path.join(run_dir, "results.json")):
+            results = json.load(open(os.path.join(run_dir, "results.json")))
+            return (None, None) if results.get("status") == "failed" else (run_dir, results)
+        if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+            return run_dir, None
+    return None, None
+
+
+def training_state(agent: nn.Module) -> dict:
+    """What the agent's state_dict() misses: optimiser and LR-scheduler states, counters, last losses."""
+    state = {}
+    for k, v in vars(agent).items():
+        if isinstance(v, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
+            state[k] = v.state_dict()
+        elif not k.startswith("_") and isinstance(v, (int, float, bool, torch.Tensor)):
+            state[k] = v
+    return state
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read the run checkpoint {path} ({type(e).__name__}); delete it (or its run "
+                         f"dir) to start the run over") from None
+
+
+def load_training_state(agent: nn.Module, state: dict):
+    for k, v in state.items():
+        target = getattr(agent, k)
+        if isinstance(target, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
+            target.load_state_dict(v)
+        else:
+            setattr(agent, k, v)
+
+
+def mark_failed(run_dir: str, message: str):
+    """results.json of a run that failed: status, the error line, and the checkpoint it leaves (if any)."""
+    checkpoint = os.path.join(run_dir, "checkpoint.pt")
+    atomic_json(dict(status="failed", error=message, checkpoint=checkpoint if os.path.exists(checkpoint) else None),
+                os.path.join(run_dir, "results.json"))
+
+
+def arm_stop_signals() -> tuple[dict, dict]:
+    """Stop signals (Ctrl-C; SIGTERM, and submitit's SIGUSR2, before a SLURM preemption): until the training loop sets
+    stop["armed"] they interrupt like Ctrl-C; then they are recorded in stop["signals"] and the loop ends at its next
+    step with a checkpoint. Returns (stop, the previous handlers for restore_signals)."""
+    import signal
+    stop = dict(armed=False, signals=[])
+
+    def on_stop(signum, frame):
+        if not stop["armed"]:
+            raise KeyboardInterrupt
+        stop["signals"].append(signum)
+
+    return stop, {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
+
+
+def restore_signals(previous: dict):
+    import signal
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+# SHARED END: resume
+
+
 def main(args: Args):
     run_start = time.time()
     check_ranges(args, RANGES)
@@ -1233,19 +1323,28 @@ def main(args: Args):
         raise SystemExit(f"error: --num-elites {args.num_elites} exceeds --ensemble-size {args.ensemble_size}")
     dataset = load_dataset(args.env_id)
     episodes = episodes_from_minari(dataset)  # a broken dataset stops here, before any run dir exists
-    run_dir = make_run_dir(args)
+    run_dir, resumed = resumable_run(args) if args.resume else (None, None)
+    if resumed is not None:
+        print(f"{args.exp_name} {args.env_id} seed {args.seed}: finished already -> {run_dir}")
+        return resumed
+    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt")) if run_dir else None
+    run_dir = run_dir or make_run_dir(args)
+    stop, previous = arm_stop_signals()
     try:
-        return train(args, dataset, episodes, run_dir, run_start)
+        return train(args, dataset, episodes, run_dir, ckpt, run_start, stop)
     except KeyboardInterrupt:
-        atomic_json(dict(status="failed", error="interrupted"), os.path.join(run_dir, "results.json"))
+        mark_failed(run_dir, "interrupted")
         raise SystemExit(f"interrupted: run dir {run_dir} marked failed (results.json)") from None
     except SystemExit as e:
-        if isinstance(e.code, str):
-            atomic_json(dict(status="failed", error=e.code), os.path.join(run_dir, "results.json"))
+        if isinstance(e.code, str):  # an error after the run dir exists: mark it, keep any checkpoint
+            mark_failed(run_dir, e.code)
         raise
+    finally:
+        restore_signals(previous)
 
 
-def train(args: Args, dataset, episodes: list[dict], run_dir: str, run_start: float) -> dict:
+def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optional[dict], run_start: float,
+          stop: dict) -> dict:
     if args.track:
         import wandb
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=os.path.basename(run_dir),
@@ -1276,9 +1375,16 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, run_start: fl
     print(f"{dataset.spec.dataset_id}: {len(episodes)} episodes, {len(real['obs'])} transitions, obs_dim {obs_dim}, "
           f"act_dim {act_dim}")
 
-    # models: the one-step ensemble (first trajectory, rewards) and the action-conditioned state model
+    # models: the one-step ensemble (first trajectory, rewards) and the action-conditioned state model; a resumed run
+    # takes both from its checkpoint
     t0 = time.time()
-    ensemble, ensemble_info = train_ensemble(args, episodes, writer, device)
+    if ckpt is not None:
+        ensemble = ProbabilisticEnsemble(obs_dim, act_dim, args.ensemble_size, args.dynamics_hidden, args.dynamics_layers,
+                                         args.num_elites).to(device)
+        ensemble.load_state_dict(ckpt["ensemble"])
+        ensemble_info = ckpt["ensemble_info"]
+    else:
+        ensemble, ensemble_info = train_ensemble(args, episodes, writer, device)
     timing["ensemble_s"] = time.time() - t0
     t0 = time.time()
     known = state_model_known(args.horizon, obs_dim, act_dim)
@@ -1287,10 +1393,16 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, run_start: fl
     train_eps = [e for e, v in zip(episodes, val_mask) if not v]
     val_eps = [e for e, v in zip(episodes, val_mask) if v] or train_eps
     val_windows = make_windows(val_eps, args.horizon, args.window_stride)[..., :obs_dim + act_dim]
-    if args.state_model_checkpoint:
-        denoiser, normalizer, ckpt = load_diffuser(args.state_model_checkpoint, device)
-        config, curve = ckpt["config"], ckpt.get("curve", [])
-        if ckpt["data_dim"] != obs_dim + act_dim or ckpt.get("kind") != "dydiff_state_model":
+    if ckpt is not None:
+        saved = ckpt["state_model"]
+        config, curve = saved["config"], saved["curve"]
+        denoiser = build_denoiser(config, obs_dim + act_dim).to(device).requires_grad_(False)
+        denoiser.load_state_dict(saved["ema"])
+        normalizer = Normalizer(saved["mean"], saved["std"]).to(device)
+    elif args.state_model_checkpoint:
+        denoiser, normalizer, saved = load_diffuser(args.state_model_checkpoint, device)
+        config, curve = saved["config"], saved.get("curve", [])
+        if saved["data_dim"] != obs_dim + act_dim or saved.get("kind") != "dydiff_state_model":
             raise SystemExit(f"error: {args.state_model_checkpoint} is not a DyDiff state model of this dataset's "
                              f"{obs_dim} + {act_dim} channels; pass the state_model.pt of a dydiff_td3bc.py run")
     else:
@@ -1312,12 +1424,34 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, run_start: fl
     buffer = RingBuffer(args.buffer_size, obs_dim, act_dim, device)
     gen = torch.Generator().manual_seed(args.seed)
     n_synthetic = args.batch_size - round(args.batch_size * args.real_ratio)
-    history, generations = [], []
+    history, generations, start, first_step, elapsed = [], [], time.time(), 1, 0.0
     timing.update(agent_updates_s=0.0, evaluation_s=0.0)
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    state_model = dict(ema=denoiser.state_dict(), mean=normalizer.mean, std=normalizer.std, config=config, curve=curve)
+    if ckpt is not None:
+        agent.load_state_dict(ckpt["agent"])
+        load_training_state(agent, ckpt["training_state"])
+        buffer.load_state_dict(ckpt["buffer"])
+        gen.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        history, generations, first_step, elapsed = ckpt["history"], ckpt["generations"], ckpt["step"] + 1, ckpt["agent_time_s"]
+        timing.update({k: v for k, v in ckpt["timing"].items() if k != "data_loading_s"})
+        print(f"resumed {run_dir} at step {first_step}")
+
+    def save_checkpoint(step: int):
+        atomic_torch_save(dict(step=step, agent=agent.state_dict(), training_state=training_state(agent),
+                               buffer=buffer.state_dict(), ensemble=ensemble.state_dict(), ensemble_info=ensemble_info,
+                               state_model=state_model, generator=gen.get_state(), torch_rng=torch.get_rng_state(),
+                               cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                               history=history, generations=generations, agent_time_s=elapsed + time.time() - start,
+                               timing=timing, args=dataclasses.asdict(args)), checkpoint_path)
 
     # ALGO LOGIC: training loop
-    start = time.time()
-    bar = tqdm(range(1, args.total_steps + 1), desc="agent", mininterval=5, file=sys.stdout)
+    stop["armed"] = True
+    bar = tqdm(range(first_step, args.total_steps + 1), desc="agent", mininterval=5, file=sys.stdout,
+               initial=first_step - 1, total=args.total_steps)
     for step in bar:
         if n_synthetic > 0 and (step - 1) % args.rollout_every == 0:
             t0 = time.time()
@@ -1346,15 +1480,18 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, run_start: fl
         timing["agent_updates_s"] += time.time() - t0
 
         # TRY NOT TO MODIFY: logging and evaluation
-        if step % args.log_every == 0:
+        checkpoint_now = bool(stop["signals"]) or (args.checkpoint_every and step % args.checkpoint_every == 0
+                                                    and step < args.total_steps)
+        if step % args.log_every == 0 or checkpoint_now:
             values = {k: v.item() for k, v in losses.items()}
             bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-            if bad:
+            if bad:  # never checkpoint a diverged agent: the last checkpoint stays the last good one
                 raise SystemExit(f"error: agent loss {', '.join(f'{k} = {v}' for k, v in bad.items())} at step {step}; "
                                  f"lower --learning-rate (or check the data's rewards); run marked failed")
-            for k, v in values.items():
-                writer.add_scalar(k, v, step)
-            writer.add_scalar("charts/SPS", int(step / (time.time() - start)), step)
+            if step % args.log_every == 0:
+                for k, v in values.items():
+                    writer.add_scalar(k, v, step)
+                writer.add_scalar("charts/SPS", int((step - first_step + 1) / (time.time() - start)), step)
         if step % args.eval_every == 0 or step == args.total_steps:
             t0 = time.time()
             returns = evaluate(agent.act, dataset, args.eval_episodes, args.seed + 10_000, device)
@@ -1372,6 +1509,14 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, run_start: fl
             writer.add_scalar("eval/normalized_score", score.mean(), step)
             bar.set_postfix(score=f"{score.mean():.1f}")
             print(f"step {step}: return {returns.mean():.1f}, normalized score {score.mean():.1f} +- {score.std():.1f}")
+        if checkpoint_now:
+            save_checkpoint(step)
+        if stop["signals"]:
+            writer.close()
+            signum = stop["signals"][0]
+            print(f"stopped by signal {signum} after step {step}: checkpoint {checkpoint_path}; continue with --resume")
+            sys.exit(128 + signum)
+    stop["armed"] = False
 
     best = max(history, key=lambda h: h["score_mean"])
     sampling = sum(g["seconds"] for g in generations)
@@ -1379,16 +1524,18 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, run_start: fl
                           regenerations=[dict(g, guided=True) for g in generations])
     summary = dict(status="finished", env_id=args.env_id, dataset_id=dataset.spec.dataset_id, exp_name=args.exp_name,
                    seed=args.seed, last_score=history[-1]["score_mean"], best_score=best["score_mean"],
-                   best_step=best["step"], agent_time_s=time.time() - start, wall_time_s=time.time() - run_start,
-                   history=history, ensemble=ensemble_info, state_model_curve=curve, state_model_check=check, time_breakdown=time_breakdown,
-                   args=dataclasses.asdict(args))
+                   best_step=best["step"], agent_time_s=elapsed + time.time() - start,
+                   wall_time_s=time.time() - run_start, history=history, ensemble=ensemble_info, state_model_curve=curve,
+                   state_model_check=check, resumed_from_step=first_step - 1 if ckpt else None,
+                   time_breakdown=time_breakdown, args=dataclasses.asdict(args))
     atomic_json(summary, os.path.join(run_dir, "results.json"))
+    if os.path.exists(checkpoint_path):
+        os.remove(checkpoint_path)  # results.json is the record now
     if args.save_model:
         atomic_torch_save(agent.state_dict(), os.path.join(run_dir, "agent.pt"))
         atomic_torch_save(agent.policy_checkpoint(), os.path.join(run_dir, "policy.pt"))
-        atomic_torch_save(dict(ema=denoiser.state_dict(), mean=normalizer.mean, std=normalizer.std, config=config,
-                               data_dim=obs_dim + act_dim, dataset_id=dataset.spec.dataset_id, kind="dydiff_state_model",
-                               curve=curve), os.path.join(run_dir, "state_model.pt"))
+        atomic_torch_save(dict(**state_model, data_dim=obs_dim + act_dim, dataset_id=dataset.spec.dataset_id,
+                               kind="dydiff_state_model"), os.path.join(run_dir, "state_model.pt"))
     writer.close()
     print(f"time: data {timing['data_loading_s']:.0f}s, ensemble {timing['ensemble_s']:.0f}s, state model "
           f"{timing['state_model_s']:.0f}s, sampling {sampling:.0f}s ({len(generations)} generations), agent updates "

@@ -1064,20 +1064,7 @@ def make_run_dir(args: Args) -> str:
 # SHARED END: run_dirs
 
 
-# SHARED BEGIN: main
-# valid range of every numeric field shared by the agent scripts (the agent's own are its AGENT_RANGES)
-RANGES = dict(horizon="[2, inf)", sample_horizon="[2, inf)", window_stride="[1, inf)", val_fraction="[0, 1)",
-              diffuser_channels="[1, inf)", diffuser_kernel_size="[1, inf)", diffuser_steps="[1, inf)",
-              diffuser_epochs="[0, inf)", diffuser_batch_size="[1, inf)", diffuser_lr="(0, inf)", diffuser_warmup="[0, 1]",
-              diffuser_warmup_start="[0, 1]", ema_decay="[0, 1)", ema_every="[1, inf)", sigma_data="(0, inf)",
-              P_mean="(-inf, inf)", P_std="(0, inf)", sampler_steps="[1, inf)", sigma_min="(0, inf)",
-              sigma_max="(0, inf)", rho="(0, inf)", S_churn="[0, inf)", S_tmin="[0, inf)", S_tmax="[0, inf)",
-              S_noise="(0, inf)", guidance_coef="[0, inf)", guidance_cosine="(-inf, inf)", sample_batch_size="[1, inf)",
-              total_steps="[1, inf)", batch_size="[1, inf)", synthetic_ratio="[0, 1]", num_synthetic="[1, inf)",
-              regenerate_every="[1, inf)", eval_every="[1, inf)", eval_episodes="[1, inf)", log_every="[1, inf)",
-              diffuser_mults="[1, inf)", checkpoint_every="[0, inf)")
-
-
+# SHARED BEGIN: resume
 def resumable_run(args: Args) -> tuple[Optional[str], Optional[dict]]:
     """The newest run dir of this env/exp/seed under --runs-root: (dir, its results.json if it finished), or
     (None, None) when there is none to resume (or the newest failed: a new run starts)."""
@@ -1121,6 +1108,51 @@ def load_training_state(agent: nn.Module, state: dict):
             setattr(agent, k, v)
 
 
+def mark_failed(run_dir: str, message: str):
+    """results.json of a run that failed: status, the error line, and the checkpoint it leaves (if any)."""
+    checkpoint = os.path.join(run_dir, "checkpoint.pt")
+    atomic_json(dict(status="failed", error=message, checkpoint=checkpoint if os.path.exists(checkpoint) else None),
+                os.path.join(run_dir, "results.json"))
+
+
+def arm_stop_signals() -> tuple[dict, dict]:
+    """Stop signals (Ctrl-C; SIGTERM, and submitit's SIGUSR2, before a SLURM preemption): until the training loop sets
+    stop["armed"] they interrupt like Ctrl-C; then they are recorded in stop["signals"] and the loop ends at its next
+    step with a checkpoint. Returns (stop, the previous handlers for restore_signals)."""
+    import signal
+    stop = dict(armed=False, signals=[])
+
+    def on_stop(signum, frame):
+        if not stop["armed"]:
+            raise KeyboardInterrupt
+        stop["signals"].append(signum)
+
+    return stop, {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
+
+
+def restore_signals(previous: dict):
+    import signal
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+# SHARED END: resume
+
+
+# SHARED BEGIN: main
+# valid range of every numeric field shared by the agent scripts (the agent's own are its AGENT_RANGES)
+RANGES = dict(horizon="[2, inf)", sample_horizon="[2, inf)", window_stride="[1, inf)", val_fraction="[0, 1)",
+              diffuser_channels="[1, inf)", diffuser_kernel_size="[1, inf)", diffuser_steps="[1, inf)",
+              diffuser_epochs="[0, inf)", diffuser_batch_size="[1, inf)", diffuser_lr="(0, inf)", diffuser_warmup="[0, 1]",
+              diffuser_warmup_start="[0, 1]", ema_decay="[0, 1)", ema_every="[1, inf)", sigma_data="(0, inf)",
+              P_mean="(-inf, inf)", P_std="(0, inf)", sampler_steps="[1, inf)", sigma_min="(0, inf)",
+              sigma_max="(0, inf)", rho="(0, inf)", S_churn="[0, inf)", S_tmin="[0, inf)", S_tmax="[0, inf)",
+              S_noise="(0, inf)", guidance_coef="[0, inf)", guidance_cosine="(-inf, inf)", sample_batch_size="[1, inf)",
+              total_steps="[1, inf)", batch_size="[1, inf)", synthetic_ratio="[0, 1]", num_synthetic="[1, inf)",
+              regenerate_every="[1, inf)", eval_every="[1, inf)", eval_episodes="[1, inf)", log_every="[1, inf)",
+              diffuser_mults="[1, inf)", checkpoint_every="[0, inf)")
+
+
 def main(args: Args):
     run_start = time.time()
     if args.paper_scale and args.preset != "paper":
@@ -1139,18 +1171,7 @@ def main(args: Args):
         return resumed
     ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt")) if run_dir else None
     run_dir = run_dir or make_run_dir(args)
-    # stop signals (Ctrl-C; SIGTERM, and submitit's SIGUSR2, before a SLURM preemption): before the agent loop they
-    # interrupt like Ctrl-C; once train() arms `stop`, they are recorded and the loop ends at the next step with a
-    # checkpoint
-    import signal
-    stop = dict(armed=False, signals=[])
-
-    def on_stop(signum, frame):
-        if not stop["armed"]:
-            raise KeyboardInterrupt
-        stop["signals"].append(signum)
-
-    previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
+    stop, previous = arm_stop_signals()
     try:
         return train(args, dataset, episodes, run_dir, ckpt, run_start, timing, stop)
     except KeyboardInterrupt:
@@ -1162,15 +1183,7 @@ def main(args: Args):
             mark_failed(run_dir, e.code)
         raise
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def mark_failed(run_dir: str, message: str):
-    """results.json of a run that failed: status, the error line, and the checkpoint it leaves (if any)."""
-    checkpoint = os.path.join(run_dir, "checkpoint.pt")
-    atomic_json(dict(status="failed", error=message, checkpoint=checkpoint if os.path.exists(checkpoint) else None),
-                os.path.join(run_dir, "results.json"))
+        restore_signals(previous)
 
 
 def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optional[dict], run_start: float,

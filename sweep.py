@@ -38,8 +38,50 @@ import tyro
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# SHARED BEGIN: script_flags
 VARIANTS = {"real": ["--synthetic-ratio", "0"], "unguided": ["--guidance-coef", "0"], "guided": []}
-COLORS = {"real": "tab:gray", "unguided": "tab:blue", "guided": "tab:red"}  # of the variants in the figures
+DYDIFF = "dydiff_td3bc.py"  # one more row: DyDiff with the same agent, data and evaluation (its one variant: dydiff)
+SCRIPTS = ("pgd_iql.py", "pgd_td3bc.py", DYDIFF)
+
+
+def variants_of(args, script: str) -> list[str]:
+    return ["dydiff"] if script == DYDIFF else list(args.variants)
+
+
+def flags_for(script: str, extra: tuple[str, ...]) -> list[str]:
+    """The flags after `--` that name a field of `script`'s Args, with their values: PGD-only flags (--guidance-coef,
+    --regenerate-every, ...) do not reach dydiff_td3bc.py, DyDiff-only ones (--iterations, --dynamics-steps, ...) do not
+    reach the PGD scripts."""
+    import importlib
+    fields = {f.name for f in dataclasses.fields(importlib.import_module(script[:-3]).Args)}
+    keep, out = False, []
+    for token in extra:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            keep = name in fields or (name.startswith("no_") and name[3:] in fields)
+        if keep:
+            out.append(token)
+    return out
+
+
+def check_scripts_and_flags(args):
+    """One line and exit for an unknown variant or script, or a flag after `--` that no script of --scripts takes."""
+    for what, values, known in (("--variants", args.variants, tuple(VARIANTS)), ("--scripts", args.scripts, SCRIPTS)):
+        bad = [v for v in values if v not in known]
+        if bad or not values:
+            raise SystemExit(f"error: {what} {' '.join(bad) or '(none)'}: use some of {', '.join(known)}")
+    if not args.seeds:
+        raise SystemExit("error: --seeds (none): give at least one")
+    unknown = sorted({t.split("=")[0] for t in args.extra if t.startswith("--")} -
+                     {t.split("=")[0] for s in args.scripts for t in flags_for(s, args.extra) if t.startswith("--")})
+    if unknown:
+        raise SystemExit(f"error: {', '.join(unknown)}: no script of --scripts takes it (see each script's --help)")
+
+
+# SHARED END: script_flags
+
+
+COLORS = {"real": "tab:gray", "unguided": "tab:blue", "guided": "tab:red", "dydiff": "tab:purple"}  # in the figures
 # the paper's locomotion grid: 3 MuJoCo envs x 4 D4RL levels (import them with collect_datasets.py)
 PAPER_DATASETS = tuple(f"{env}-{level}-v2" for env in ("halfcheetah", "hopper", "walker2d")
                        for level in ("random", "medium", "medium-replay", "medium-expert"))
@@ -50,7 +92,8 @@ class Args:
     env_ids: tuple[str, ...] = PAPER_DATASETS
     """datasets (names of the shared dataset table)"""
     scripts: tuple[str, ...] = ("pgd_iql.py", "pgd_td3bc.py")
-    """agent scripts"""
+    """agent scripts (add dydiff_td3bc.py for DyDiff's row: its one variant, `dydiff`, trains its own state model in
+    the agent job; `--preset` and the diffuser cache do not reach it)"""
     variants: tuple[str, ...] = ("real", "unguided", "guided")
     """data variants: real data only, unguided diffusion (SynthER-style), policy-guided diffusion"""
     seeds: tuple[int, ...] = (1, 2, 3, 4)
@@ -115,13 +158,9 @@ RANGES = dict(checkpoint_every="[1, inf)", jobs="[1, inf)", gpus_per_node="[0, i
 
 def check_args(args: Args):
     check_ranges(args, RANGES)
-    for what, values, known in (("--scripts", args.scripts, ("pgd_iql.py", "pgd_td3bc.py")),
-                                ("--variants", args.variants, tuple(VARIANTS))):
-        bad = [v for v in values if v not in known]
-        if bad or not values:
-            raise SystemExit(f"error: {what} {' '.join(bad) or '(none)'}: use some of {', '.join(known)}")
-    if not args.env_ids or not args.seeds:
-        raise SystemExit("error: --env-ids and --seeds must not be empty")
+    if not args.env_ids or not args.seeds or not args.variants:
+        raise SystemExit("error: --env-ids, --variants and --seeds must not be empty")
+    check_scripts_and_flags(args)
 
 
 # ------------------------------------------------------------------------------------------------------ jobs
@@ -140,12 +179,14 @@ class Job:
     def command(self, args: Args) -> list[str]:
         here = os.path.dirname(os.path.abspath(__file__))
         cmd = [sys.executable, os.path.join(here, self.script), "--env-id", self.env_id, "--seed", str(self.seed),
-               "--preset", args.preset, "--runs-root", self.root(args.runs_root),
-               "--diffuser-cache-dir", os.path.join(args.runs_root, "diffusers")]
+               "--runs-root", self.root(args.runs_root)]
+        if self.script != DYDIFF:
+            cmd += ["--preset", args.preset, "--diffuser-cache-dir", os.path.join(args.runs_root, "diffusers")]
+        extra = flags_for(self.script, args.extra)
         if self.kind == "diffuser":
-            return cmd + ["--exp-name", "diffuser", "--diffuser-only", *args.extra]
-        return cmd + ["--exp-name", f"{self.script[:-3]}-{self.variant}", "--resume",
-                      "--checkpoint-every", str(args.checkpoint_every), *VARIANTS[self.variant], *args.extra]
+            return cmd + ["--exp-name", "diffuser", "--diffuser-only", *extra]
+        return cmd + ["--exp-name", f"{self.script[:-3]}-{self.variant}", "--resume", "--checkpoint-every",
+                      str(args.checkpoint_every), *extra, *VARIANTS.get(self.variant, [])]
 
 
 def result_of(root: str) -> Optional[dict]:
@@ -164,9 +205,10 @@ def result_of(root: str) -> Optional[dict]:
 def plan(args: Args) -> tuple[list[Job], list[Job]]:
     """The diffuser jobs (one per dataset and seed that has a diffusion variant) and the agent jobs."""
     agents = [Job("agent", e, s, sc, v) for e in args.env_ids for s in args.seeds for sc in args.scripts
-              for v in args.variants]
-    diffusers = [Job("diffuser", e, s, args.scripts[0]) for e in args.env_ids for s in args.seeds
-                 if any(v != "real" for v in args.variants)]
+              for v in variants_of(args, sc)]
+    pgd = [sc for sc in args.scripts if sc != DYDIFF]
+    diffusers = [Job("diffuser", e, s, pgd[0]) for e in args.env_ids for s in args.seeds
+                 if pgd and any(v != "real" for v in args.variants)]
     return diffusers, agents
 
 
@@ -266,18 +308,18 @@ def mean_se(values) -> tuple[float, float]:
 
 
 def table1(args: Args, rows: list[dict]) -> str:
-    scripts = [s[:-3] for s in args.scripts]
-    head = "| dataset | " + " | ".join(f"{s} {v}" for s in scripts for v in args.variants) + " |"
-    lines = [head, "|---|" + "---|" * (len(scripts) * len(args.variants))]
+    columns = [(s[:-3], v) for s in args.scripts for v in variants_of(args, s)]
+    head = "| dataset | " + " | ".join(f"{s} {v}" for s, v in columns) + " |"
+    lines = [head, "|---|" + "---|" * len(columns)]
     for env_id in args.env_ids:
         cells = []
-        for s in scripts:
-            stats = {}
-            for v in args.variants:
+        for script in args.scripts:
+            s, stats = script[:-3], {}
+            for v in variants_of(args, script):
                 scores = [r["last_score"] for r in rows if (r["env_id"], r["script"], r["variant"]) == (env_id, s, v)]
                 stats[v] = (*mean_se(scores), len(scores)) if scores else None
             best = max((m for m in stats.values() if m), key=lambda m: m[0], default=None)
-            for v in args.variants:
+            for v in variants_of(args, script):
                 m = stats[v]
                 text = "-" if m is None else f"{m[0]:.1f} +- {m[1]:.1f}" + (f" ({m[2]})" if m[2] != len(args.seeds) else "")
                 cells.append(f"**{text}**" if m is not None and m is best and len(stats) > 1 else text)
@@ -297,15 +339,17 @@ def per_seed_means(args: Args, rows: list[dict], script: str, variant: str) -> n
 def figure4(args: Args, rows: list[dict], path: str):
     scripts = [s[:-3] for s in args.scripts]
     fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(scripts), 3.2))
-    width = 0.8 / len(args.variants)
+    width, labelled = 0.8 / len(args.variants), set()
     for i, s in enumerate(scripts):
-        for j, v in enumerate(args.variants):
+        variants = variants_of(args, s + ".py")
+        for j, v in enumerate(variants):
             m = per_seed_means(args, rows, s, v)
             complete = m[~np.isnan(m).any(1)].mean(1)  # seeds with every dataset finished
             if len(complete):
                 mean, se = mean_se(complete)
-                ax.bar(i + (j - (len(args.variants) - 1) / 2) * width, mean, width, yerr=se, capsize=3,
-                       color=COLORS[v], label=v if i == 0 else None)
+                ax.bar(i + (j - (len(variants) - 1) / 2) * width, mean, width, yerr=se, capsize=3,
+                       color=COLORS[v], label=None if v in labelled else v)
+                labelled.add(v)
     ax.set_xticks(range(len(scripts)), [s.replace("pgd_", "").upper().replace("TD3BC", "TD3+BC") for s in scripts])
     ax.set_ylabel("mean normalised score")
     ax.set_title(f"{len(args.env_ids)} dataset(s), {len(args.seeds)} seed(s): mean +- s.e. over seeds", fontsize=8)
@@ -322,7 +366,7 @@ def iqm(args: Args, rows: list[dict], md_path: str, png_path: str) -> str:
     from rliable import metrics
     scores = {}
     for s in args.scripts:
-        for v in args.variants:
+        for v in variants_of(args, s):
             m = per_seed_means(args, rows, s[:-3], v)
             m = m[~np.isnan(m).any(1)]
             if len(m):

@@ -2,8 +2,10 @@
 model on a linear system, and a tiny end-to-end run."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import gymnasium as gym
 import numpy as np
@@ -228,6 +230,43 @@ def test_end_to_end_tiny(tiny_store, tmp_path):
     assert json.loads((again_dir / "results.json").read_text())["state_model_check"] == check
     bad = run(TINY + ["--state-model-checkpoint", str(run_dir / "policy.pt")], tiny_store, tmp_path / "c", check=False)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and bad.stderr.strip().count("\n") == 0
+
+
+def test_sigterm_then_resume_gives_the_uninterrupted_numbers(tiny_store, tmp_path):
+    """A run stopped by SIGTERM (a SLURM preemption) writes checkpoint.pt (ensemble, state model, agent, ring buffer,
+    RNG states) and --resume finishes it with the numbers of a run never stopped; a finished run is not rerun."""
+    flags = TINY[:TINY.index("--total-steps")] + ["--total-steps", "400", "--checkpoint-every", "50"] + \
+        TINY[TINY.index("--total-steps") + 2:]
+    run(flags, tiny_store, tmp_path / "whole")
+    (whole,) = (tmp_path / "whole" / "runs").iterdir()
+    expected = json.loads((whole / "results.json").read_text())
+    assert not (whole / "checkpoint.pt").exists() and expected["resumed_from_step"] is None
+
+    root = tmp_path / "cut" / "runs"
+    env = {**os.environ, "MINARI_DATASETS_PATH": tiny_store, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, os.path.join(ROOT, "dydiff_td3bc.py"), *flags, "--runs-root", str(root), "--resume"]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not list(root.glob("*/checkpoint.pt")) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 128 + signal.SIGTERM and "continue with --resume" in out, out[-3000:]
+    (cut,) = root.iterdir()
+    step = torch.load(cut / "checkpoint.pt", weights_only=True)["step"]
+    assert 50 <= step < 400 and not (cut / "results.json").exists()
+
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert f"resumed {cut} at step {step + 1}" in p.stdout and "training diffuser" not in p.stdout
+    resumed = json.loads((cut / "results.json").read_text())
+    assert resumed["history"] == expected["history"] and resumed["resumed_from_step"] == step
+    same = ("step", "kept", "transitions", "action_log_prob")
+    assert [{k: g[k] for k in same} for g in resumed["time_breakdown"]["regenerations"]] == \
+        [{k: g[k] for k in same} for g in expected["time_breakdown"]["regenerations"]]
+    assert not (cut / "checkpoint.pt").exists()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "finished already" in again.stdout and len(list(root.iterdir())) == 1
 
 
 def test_bad_inputs_give_one_line(tiny_store, tmp_path):

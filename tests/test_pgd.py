@@ -511,11 +511,13 @@ def test_shared_blocks_have_not_drifted():
     names = set(sync_shared.blocks(open(os.path.join(ROOT, "pgd_iql.py")).read()))
     assert {"imports", "args", "config", "validation", "dataset_ids", "minari_episodes", "datasets", "windows", "diffuser",
             "diffuser_training", "diffuser_loading", "diffuser_cache", "sampler", "synthetic", "evaluation", "run_dirs",
-            "main"} <= names
+            "resume", "main"} <= names
     assert names | {"td3bc"} == set(sync_shared.blocks(open(os.path.join(ROOT, "pgd_td3bc.py")).read()))
     dydiff = set(sync_shared.blocks(open(os.path.join(ROOT, "dydiff_td3bc.py")).read()))
-    assert {"td3bc", "sampler", "ensemble", "dydiff", "diffuser_training", "evaluation"} <= dydiff  # DyDiff's agent
+    assert {"td3bc", "sampler", "ensemble", "dydiff", "diffuser_training", "evaluation", "resume"} <= dydiff  # DyDiff's agent
     assert not {"args", "config", "main", "synthetic", "diffuser_cache"} & dydiff  # is PGD's; its loop is its own
+    assert "script_flags" in sync_shared.blocks(open(os.path.join(ROOT, "compare.py")).read()).keys() & \
+        sync_shared.blocks(open(os.path.join(ROOT, "sweep.py")).read()).keys()  # their grids' scripts and flags
     for script in ("collect_datasets.py", "pets_baseline.py"):  # the dataset table every script copies
         assert "dataset_ids" in sync_shared.blocks(open(os.path.join(ROOT, script)).read())
     # no script carries shared code it never calls: toy2d trains but never loads or caches a diffuser, pets_baseline

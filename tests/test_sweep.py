@@ -1,5 +1,6 @@
 """sweep.py: a tiny grid through submitit's local executor (report cells, skipping finished runs), and the SLURM path's
 sbatch parameters checked without a cluster."""
+import dataclasses
 import json
 import os
 import shutil
@@ -125,3 +126,34 @@ def test_report_only_with_nothing_finished(tmp_path):
     out = sweep.main(sweep.Args(env_ids=("hopper-medium-v2",), seeds=(1,), runs_root=str(tmp_path), report_only=True))
     assert out["rows"] == [] and "| hopper-medium-v2 | - |" in out["table"]
     assert json.dumps(out["iqm"]).startswith('"no agent')
+
+
+def test_dydiff_is_one_more_row_with_its_own_flags_and_report_column(tmp_path):
+    """dydiff_td3bc.py in --scripts: one variant (dydiff), no diffuser job, no --preset / diffuser cache, only the flags
+    its Args has (PGD's --guidance-coef stays out, its --iterations goes in), resumable like the others; its column in
+    Table 1 holds its runs' numbers."""
+    args = sweep.Args(env_ids=("hopper-medium-replay",), scripts=("pgd_td3bc.py", "dydiff_td3bc.py"),
+                      variants=("real", "guided"), seeds=(1, 2), runs_root=str(tmp_path),
+                      extra=("--guidance-coef", "0.3", "--iterations", "1", "--total-steps", "100"))
+    sweep.check_args(args)
+    diffusers, agents = sweep.plan(args)
+    assert [j.script for j in diffusers] == ["pgd_td3bc.py"] * 2
+    assert [(j.script, j.variant) for j in agents if j.seed == 1] == [
+        ("pgd_td3bc.py", "real"), ("pgd_td3bc.py", "guided"), ("dydiff_td3bc.py", "dydiff")]
+    dy = agents[2].command(args)
+    assert "--preset" not in dy and "--diffuser-cache-dir" not in dy and "--guidance-coef" not in dy
+    assert dy[dy.index("--iterations") + 1] == "1" and dy[dy.index("--total-steps") + 1] == "100"
+    assert "--resume" in dy and dy[dy.index("--exp-name") + 1] == "dydiff_td3bc-dydiff"
+    guided = agents[1].command(args)
+    assert "--iterations" not in guided and guided[guided.index("--guidance-coef") + 1] == "0.3"
+    for job, score in zip(agents, [10, 20, 30, 12, 22, 34]):
+        run_dir = os.path.join(job.root(str(tmp_path)), "run")
+        os.makedirs(run_dir)
+        with open(os.path.join(run_dir, "results.json"), "w") as f:
+            json.dump(dict(status="finished", last_score=score, best_score=score, wall_time_s=60), f)
+    out = sweep.report(args)
+    assert "| dataset | pgd_td3bc real | pgd_td3bc guided | dydiff_td3bc dydiff |" in out["table"]
+    assert "| hopper-medium-replay | 11.0 +- 1.0 | **21.0 +- 1.0** | 32.0 +- 2.0 |" in out["table"]
+    assert "| dydiff_td3bc dydiff |" in out["iqm"]
+    with pytest.raises(SystemExit, match="--bogus"):
+        sweep.check_args(dataclasses.replace(args, extra=("--bogus", "1")))
