@@ -5,7 +5,8 @@
    256x256 IQL policy and unguided, eager and torch.compile'd. The first call (warm-up, compilation) is excluded from
    the rate; the compile time is reported separately (first call minus a timed call).
 2. Diffuser training steps/s at batch 64 (EDM loss, Adam, EMA), for the CPU default diffuser and the 0.7M config.
-3. Agent updates/s at batch 256: IQL (pgd_iql) and TD3+BC (pgd_td3bc, when that script exists).
+3. Agent updates/s at batch 256: IQL (pgd_iql) and TD3+BC (pgd_td3bc, when that script exists), the scripts' own
+   agent.update, eager and compiled (--compile-agent), their ratio from one run; the matmul FLOP rate they reach.
 
 Usage: python bench.py                 (full benchmark, several minutes on a 2-core CPU)
        python bench.py --quick         (tiny sizes, seconds: a smoke test)
@@ -40,7 +41,7 @@ class BenchArgs:
     quick: bool = False
     """tiny sizes and a few steps (seconds): a smoke test of this script, not a measurement"""
     compile: Optional[bool] = None
-    """also time the torch.compile'd sampler (default: on, off with --quick)"""
+    """also time the torch.compile'd sampler and agents (default: on, off with --quick)"""
     device: str = "cpu"
     """torch device"""
     threads: Optional[int] = None
@@ -63,6 +64,8 @@ class BenchArgs:
     """seed of the random weights and inputs"""
     only: tuple[Literal["sampler", "diffuser", "agents"], ...] = ()
     """time only these parts (default: all three)"""
+    sampler_bf16: bool = True
+    """also time the sampler with its network in bfloat16 (off on CPUs without native bf16: emulated, 8-10x slower)"""
     profile: bool = False
     """instead of the table: where the time of the guided sampler goes (compiled unless --quick or --no-compile), by
     torch.profiler (top ops by self CPU time over 16 sampler steps)"""
@@ -128,12 +131,12 @@ def build_sampler(b: BenchArgs, diffuser: dict, guided: bool, compiled: bool, de
     sampler = pgd_iql.GuidedEDMSampler(denoiser, normalizer, b.obs_dim, b.act_dim,
                                        **{k: getattr(args, k) for k in pgd_iql.SAMPLER_FIELDS})
     return functools.partial(sampler, log_prob_fn=agent.log_prob if guided else None, coef=0.1 if guided else 0.0), \
-        sum(p.numel() for p in denoiser.parameters())
+        denoiser
 
 
 def bench_sampler(b: BenchArgs, diffuser: dict, guided: bool, compiled: bool, device: torch.device,
                   bf16: bool = False) -> dict:
-    sampler, params = build_sampler(b, diffuser, guided, compiled, device, bf16)
+    sampler, denoiser = build_sampler(b, diffuser, guided, compiled, device, bf16)
     gen = torch.Generator().manual_seed(b.seed)
     run = lambda: sampler(b.sampler_batch, b.horizon, gen)  # noqa: E731
     sync(device)
@@ -142,8 +145,14 @@ def bench_sampler(b: BenchArgs, diffuser: dict, guided: bool, compiled: bool, de
     sync(device)
     first = time.perf_counter() - t0
     t = best_time(run, b.repeats, device)
-    return dict(params=params, traj_per_s=b.sampler_batch / t, batch_s=t,
-                eval_ms=t / (2 * b.sampler_steps - 1) * 1e3, compile_s=max(0.0, first - t) if compiled else None)
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(b.sampler_batch, b.horizon, b.obs_dim + b.act_dim + 2, device=device)
+    with FlopCounterMode(display=False) as counter:  # one denoiser evaluation, eager (compiled kernels are not seen)
+        denoiser(x, torch.ones((), device=device))
+    evals = 2 * b.sampler_steps - 1  # Heun: two per step, one in the last
+    return dict(params=sum(p.numel() for p in denoiser.parameters()), traj_per_s=b.sampler_batch / t, batch_s=t,
+                eval_ms=t / evals * 1e3, compile_s=max(0.0, first - t) if compiled else None,
+                flops_per_s=counter.get_total_flops() * evals / t)
 
 
 class NoWriter:
@@ -178,24 +187,37 @@ def bench_diffuser_training(b: BenchArgs, diffuser: dict, device: torch.device) 
     return dict(params=params, steps_per_s=b.diffuser_train_steps / t, batch=batch)
 
 
-def bench_agent(module, b: BenchArgs, device: torch.device) -> dict:
+def bench_agent(module, b: BenchArgs, device: torch.device, compiled: bool) -> dict:
+    """updates/s of the script's own agent.update (its training step) at the script's batch size, eager and, if
+    `compiled`, with the script's compile_agent (--compile-agent); the two are timed in alternation (repeat i of each
+    back to back), so a load that changes during the benchmark reaches both, and their ratio is one run's."""
     args = make_args(module, device=str(device), total_steps=10 ** 6)
-    torch.manual_seed(b.seed)
-    agent = module.make_agent(args, b.act_dim, random_stats(b.obs_dim)).to(device)
     batch_size = 8 if b.quick else args.batch_size
     batch = random_batch(batch_size, b.obs_dim, b.act_dim, device)
-
-    def updates():
-        for _ in range(b.agent_updates):
+    agents = {}
+    for mode in ("eager", "compiled") if compiled else ("eager",):
+        torch.manual_seed(b.seed)
+        agents[mode] = module.make_agent(args, b.act_dim, random_stats(b.obs_dim)).to(device)
+    if compiled:
+        module.compile_agent(agents["compiled"], device)
+    result, times = dict(batch=batch_size), {mode: [] for mode in agents}
+    for mode, agent in agents.items():
+        t0 = time.perf_counter()
+        for _ in range(4):  # warm-up; compilation (every graph: TD3+BC's actor step runs every other update)
             agent.update(batch)
-
-    updates()  # warm-up
-    t = best_time(updates, b.repeats, device)
+        sync(device)
+        result[f"{mode}_warmup_s"] = time.perf_counter() - t0
+    for _ in range(b.repeats):
+        for mode, agent in agents.items():
+            times[mode].append(best_time(lambda: [agent.update(batch) for _ in range(b.agent_updates)], 1, device))
+    for mode in agents:
+        result[f"{mode}_updates_per_s"] = b.agent_updates / min(times[mode])
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:  # the matmul FLOPs per update, backward included (two updates:
-        agent.update(batch)                          # TD3+BC's actor runs every other one)
-        agent.update(batch)
-    return dict(updates_per_s=b.agent_updates / t, batch=batch_size, flops=counter.get_total_flops() / 2)
+        agents["eager"].update(batch)                # TD3+BC's actor runs every other one)
+        agents["eager"].update(batch)
+    result["flops"] = counter.get_total_flops() / 2
+    return result
 
 
 def matmul_rate(n: int, b: BenchArgs, device: torch.device) -> float:
@@ -213,7 +235,8 @@ def matmul_rate(n: int, b: BenchArgs, device: torch.device) -> float:
 
 def profile_sampler(b: BenchArgs, diffuser: dict, compiled: bool, device: torch.device):
     """Print the top ops (self CPU time) of one guided sampler run after a warm-up, and the share in convolutions."""
-    sampler, params = build_sampler(b, diffuser, True, compiled, device, False)
+    sampler, denoiser = build_sampler(b, diffuser, True, compiled, device, False)
+    params = sum(p.numel() for p in denoiser.parameters())
     gen = torch.Generator().manual_seed(b.seed)
     sampler(b.sampler_batch, b.horizon, gen)  # warm-up / compilation
     with torch.profiler.profile() as prof:
@@ -267,7 +290,14 @@ def main(b: BenchArgs):
     rows, only = [], set(b.only or ("sampler", "diffuser", "agents"))
     # bf16 rows only where the script has the `sampler_bf16` option (float32 network otherwise)
     has_bf16 = "sampler_bf16" in {f.name for f in dataclasses.fields(pgd_iql.Args)}
-    variants = ([(True, False), (False, False)] + ([(True, True)] if has_bf16 else [])) if "sampler" in only else []
+    variants = ([(True, False), (False, False)] + ([(True, True)] if has_bf16 and b.sampler_bf16 else [])) \
+        if "sampler" in only else []
+    # the FLOP rate the sampler and the agents reach, against one plain float32 matmul of the agents' layer shape
+    n = 8 if b.quick else 256
+    peak = matmul_rate(n, b, device) if only & {"sampler", "agents"} else None
+    if peak:
+        rows.append((f"matmul {n}x{n}x{n}, float32", f"{peak / 1e9:.3g} GFLOP/s", "torch.mm, the agents' layer shape"))
+        print(f"{rows[-1][0]}: {rows[-1][1]}", flush=True)
     for guided, bf16 in variants:
         for mode in ("eager", "compiled"):
             name = f"sampler, {'guided' if guided else 'unguided'}, {mode}{', bf16 network' if bf16 else ''}"
@@ -277,7 +307,8 @@ def main(b: BenchArgs):
             r = bench_sampler(b, bench_diffuser, guided, mode == "compiled", device, bf16)
             detail = (f"{r['params'] / 1e6:.2f}M params, {b.sampler_steps} steps, batch {b.sampler_batch} x "
                       f"{b.horizon} x {b.obs_dim + b.act_dim + 2}: {r['batch_s']:.2f} s/batch, "
-                      f"{r['eval_ms']:.2f} ms/denoiser eval (incl. guidance)")
+                      f"{r['eval_ms']:.2f} ms/denoiser eval (incl. guidance), {r['flops_per_s'] / 1e9:.3g} GFLOP/s "
+                      f"of the network = {100 * r['flops_per_s'] / peak:.0f}% of the plain matmul's rate")
             if r["compile_s"] is not None:
                 detail += f", compile {r['compile_s']:.0f} s"
             rows.append((name, f"{r['traj_per_s']:.3g} traj/s", detail))
@@ -288,20 +319,23 @@ def main(b: BenchArgs):
                      f"{r['params'] / 1e6:.2f}M params, channels {diffuser['diffuser_channels']}, mults "
                      f"{tuple(diffuser['diffuser_mults'])}, kernel {diffuser['diffuser_kernel_size']}, batch {r['batch']}"))
         print(f"{rows[-1][0]}: {rows[-1][1]}", flush=True)
-    if "agents" in only:  # where the agents' limit is: their matmul FLOP rate against a plain matmul's
-        n = 8 if b.quick else 256
-        peak = matmul_rate(n, b, device)
-        rows.append((f"matmul {n}x{n}x{n}, float32", f"{peak / 1e9:.3g} GFLOP/s", "torch.mm, the agents' layer shape"))
-        print(f"{rows[-1][0]}: {rows[-1][1]}", flush=True)
     for label, module in (("IQL", pgd_iql), ("TD3+BC", pgd_td3bc)) if "agents" in only else ():
         if module is None:
             continue
-        r = bench_agent(module, b, device)
-        achieved = r["flops"] * r["updates_per_s"]
-        rows.append((f"agent updates, {label}", f"{r['updates_per_s']:.3g} updates/s",
-                     f"batch {r['batch']}; {r['flops'] / 1e6:.0f} MFLOP of matmuls per update, {achieved / 1e9:.3g} "
-                     f"GFLOP/s = {100 * achieved / peak:.0f}% of the plain matmul's rate"))
-        print(f"{rows[-1][0]}: {rows[-1][1]} ({rows[-1][2]})", flush=True)
+        r = bench_agent(module, b, device, compiled and hasattr(module, "compile_agent"))
+        for mode in ("eager", "compiled"):
+            if f"{mode}_updates_per_s" not in r:
+                rows.append((f"agent updates, {label}, {mode}", "skipped", ""))
+                continue
+            rate = r[f"{mode}_updates_per_s"]
+            achieved = r["flops"] * rate
+            detail = (f"batch {r['batch']}; {r['flops'] / 1e6:.0f} MFLOP of matmuls per update, {achieved / 1e9:.3g} "
+                      f"GFLOP/s = {100 * achieved / peak:.0f}% of the plain matmul's rate")
+            if mode == "compiled":
+                detail += (f"; {rate / r['eager_updates_per_s']:.2f}x eager (same run, alternating repeats), "
+                           f"compile {r['compiled_warmup_s'] - r['eager_warmup_s']:.0f} s")
+            rows.append((f"agent updates, {label}, {mode}", f"{rate:.3g} updates/s", detail))
+            print(f"{rows[-1][0]}: {rows[-1][1]} ({rows[-1][2]})", flush=True)
 
     print(f"\n## PGD benchmark{' (--quick: smoke test, not a measurement)' if b.quick else ''}\n")
     print("\n".join(machine_info(device)))

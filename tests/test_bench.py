@@ -14,10 +14,11 @@ def test_bench_quick_prints_table():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| measurement | rate | details |" in out.stdout
     for row in ("| sampler, guided, eager |", "| sampler, unguided, eager |", "| diffuser training, CPU default |",
-                "| diffuser training, 0.7M bench |", "| agent updates, IQL |"):
+                "| diffuser training, 0.7M bench |", "| agent updates, IQL, eager |", "| agent updates, TD3+BC, eager |",
+                "| agent updates, IQL, compiled | skipped |"):  # --quick compiles nothing
         assert row in out.stdout, out.stdout
-    if os.path.exists(os.path.join(ROOT, "pgd_td3bc.py")):
-        assert "| agent updates, TD3+BC |" in out.stdout
+    # the sampler's network FLOP rate against the plain matmul's
+    assert re.search(r"\| sampler, guided, eager \|.*GFLOP/s of the network = \d+% of the plain matmul's rate", out.stdout)
     assert "torch " in out.stdout and "command: `" in out.stdout
 
 
@@ -35,10 +36,20 @@ def test_bench_only_times_the_chosen_parts():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--quick", "--only", "agents"], cwd=ROOT,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "| agent updates, IQL |" in out.stdout and "| agent updates, TD3+BC |" in out.stdout
+    assert "| agent updates, IQL, eager |" in out.stdout and "| agent updates, TD3+BC, eager |" in out.stdout
     assert "| sampler" not in out.stdout and "| diffuser training" not in out.stdout
     # the agents' matmul FLOPs per update (FlopCounterMode) next to a plain matmul's rate: TD3+BC (one actor update
     # every other step) does fewer than IQL (actor, value and critics every step)
-    flops = {k: float(re.search(rf"\| agent updates, {k} \|.*?; (\d+) MFLOP of matmuls per update", out.stdout).group(1))
+    flops = {k: float(re.search(rf"\| agent updates, {k}, eager \|.*?; (\d+) MFLOP of matmuls per update", out.stdout).group(1))
              for k in ("IQL", "TD3\\+BC")}
     assert 0 < flops["TD3\\+BC"] < flops["IQL"] and "| matmul 8x8x8, float32 |" in out.stdout
+
+
+def test_bench_compiled_agents_row_and_ratio():
+    """--only agents --compile with a tiny run: the compiled rows and their ratio to eager, measured in the same run."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--quick", "--only", "agents", "--compile", "True"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for agent in ("IQL", "TD3\\+BC"):
+        row = re.search(rf"\| agent updates, {agent}, compiled \| ([\d.]+) updates/s \|.*; ([\d.]+)x eager", out.stdout)
+        assert row and float(row.group(1)) > 0 and float(row.group(2)) > 0, out.stdout

@@ -561,6 +561,7 @@ def test_end_to_end_tiny(script, variant, tiny_store, tmp_path):
     assert "last score" in p.stdout and any(f.startswith("events.out.tfevents") for f in os.listdir(run))
     tb = res["time_breakdown"]  # where the wall time went
     assert {"data_loading_s", "diffuser_s", "sampling_s", "agent_updates_s", "updates_per_s", "evaluation_s"} <= set(tb)
+    assert tb["agent_first_updates"] == 2 and 0 < tb["agent_first_updates_s"] <= tb["agent_updates_s"]
     assert len(tb["regenerations"]) == (0 if variant[0] == "--synthetic-ratio" else 2)  # at steps 1 and 101
     assert all(r["trajectories_per_s"] > 0 for r in tb["regenerations"]) and tb["updates_per_s"] > 0
     assert sum(tb[k] for k in ("data_loading_s", "diffuser_s", "sampling_s", "agent_updates_s", "evaluation_s")) \
@@ -649,11 +650,77 @@ def test_bf16_network_matches_fp32_samples():
     assert rms(bf16 - fp32) < 0.01 * rms(fp32)
 
 
-def test_compile_flag_end_to_end(tiny_store, tmp_path):
-    """--compile on a tiny model: the whole script runs with the compiled sampler."""
-    run_script("pgd_iql.py", TINY + ["--compile", "--guidance-coef", "0", "--total-steps", "100", "--eval-every", "100"],
-               tiny_store, tmp_path)
-    assert results(tmp_path)[0]["history"][-1]["step"] == 100
+def test_compile_flags_end_to_end(tiny_store, tmp_path):
+    """--compile and --compile-agent on a tiny model (the 100-step run is below --compile-agent-min-steps, so that is
+    lowered to 0): the whole script runs with the compiled sampler and the compiled agent update."""
+    p = run_script("pgd_iql.py", TINY + ["--compile", "--guidance-coef", "0", "--total-steps", "100", "--eval-every", "100",
+                                         "--compile-agent-min-steps", "0"], tiny_store, tmp_path)
+    res = results(tmp_path)[0]
+    assert res["history"][-1]["step"] == 100 and res["args"]["compile_agent"] is True
+    assert "with compilation" in p.stdout and res["time_breakdown"]["agent_first_updates"] == 2
+
+
+@pytest.mark.parametrize("module", SCRIPTS, ids=["iql", "td3bc"])
+def test_compiled_agent_update_matches_eager(module):
+    """compile_agent (--compile-agent): the whole update in one graph per STEPS method gives the eager agent's
+    weights, optimiser state and losses within float tolerance after 12 updates (IQL with its cosine actor schedule),
+    and compiles each method once (the scheduled learning rate is a tensor: no recompilation per step)."""
+    import torch._dynamo.utils
+    stats = dict(obs_mean=torch.randn(OBS), obs_std=torch.rand(OBS) + 0.5, return_min=0.0, return_max=10.0)
+    gen = torch.Generator().manual_seed(1)
+    batches = [dict(obs=torch.randn(16, OBS, generator=gen), next_obs=torch.randn(16, OBS, generator=gen),
+                    actions=torch.rand(16, ACT, generator=gen) * 2 - 1, rewards=torch.randn(16, generator=gen),
+                    dones=(torch.rand(16, generator=gen) < 0.2).float()) for _ in range(12)]
+
+    def train(compiled: bool):
+        torch.manual_seed(0)
+        agent = module.make_agent(module.Args(hidden_dim=32, total_steps=12), ACT, stats)
+        if compiled:
+            module.compile_agent(agent, torch.device("cpu"))
+        torch.manual_seed(1)  # TD3+BC's smoothing noise
+        losses = [{k: v.item() for k, v in agent.update(b).items()} for b in batches]
+        return agent, losses
+
+    eager, eager_losses = train(False)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled, compiled_losses = train(True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == len(module.Agent.STEPS)
+    for k, v in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+    for name, optimizer in ((k, v) for k, v in vars(eager).items() if isinstance(v, torch.optim.Optimizer)):
+        for p_eager, p_compiled in zip(optimizer.param_groups[0]["params"], getattr(compiled, name).param_groups[0]["params"]):
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                torch.testing.assert_close(getattr(compiled, name).state[p_compiled][key], optimizer.state[p_eager][key],
+                                           rtol=1e-4, atol=1e-6)
+    for a, b in zip(eager_losses, compiled_losses):
+        assert a.keys() == b.keys() and all(math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-5) for k in a)
+    torch.manual_seed(0)
+    initial = module.make_agent(module.Args(hidden_dim=32, total_steps=12), ACT, stats)
+    assert not torch.equal(compiled.actor[0].weight, initial.actor[0].weight)  # the compiled steps did train
+
+
+def test_adam_step_eager_is_backward_and_step():
+    """adam_step's eager path is bit for bit loss.backward() + Adam.step() (the scripts' eager agents did not change)."""
+    torch.manual_seed(0)
+    nets = [torch.nn.Linear(4, 3) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    optimizers = [torch.optim.Adam(n.parameters(), lr=1e-2, eps=1e-5) for n in nets]
+    x = torch.randn(8, 4)
+    for _ in range(5):
+        pgd_iql.adam_step(optimizers[0], nets[0](x).pow(2).mean())
+        optimizers[1].zero_grad(set_to_none=True)
+        nets[1](x).pow(2).mean().backward()
+        optimizers[1].step()
+    assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
+    assert all(p.grad is None for p in nets[0].parameters())
+
+
+def test_compile_agent_default():
+    """--compile-agent is on, but on CPU only for runs of at least --compile-agent-min-steps (compilation pays)."""
+    resolve = lambda **kw: pgd_td3bc.resolve_compile_agent(pgd_td3bc.Args(**kw))  # noqa: E731
+    assert resolve() and not resolve(total_steps=19_999) and resolve(total_steps=20_000)
+    assert resolve(total_steps=10, compile_agent_min_steps=0) and not resolve(compile_agent=False)
+    assert pgd_iql.preset_args("paper").total_steps >= pgd_iql.Args.compile_agent_min_steps
 
 
 def test_bad_inputs_give_one_line_errors(tiny_store, tmp_path):
