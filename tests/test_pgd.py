@@ -511,10 +511,11 @@ def test_shared_blocks_have_not_drifted():
     names = set(sync_shared.blocks(open(os.path.join(ROOT, "pgd_iql.py")).read()))
     assert {"imports", "args", "config", "validation", "dataset_ids", "minari_episodes", "datasets", "windows", "diffuser",
             "diffuser_training", "diffuser_loading", "diffuser_cache", "sampler", "synthetic", "evaluation", "run_dirs",
-            "resume", "main"} <= names
+            "resume", "agent_compile", "main"} <= names
     assert names | {"td3bc"} == set(sync_shared.blocks(open(os.path.join(ROOT, "pgd_td3bc.py")).read()))
     dydiff = set(sync_shared.blocks(open(os.path.join(ROOT, "dydiff_td3bc.py")).read()))
-    assert {"td3bc", "sampler", "ensemble", "dydiff", "diffuser_training", "evaluation", "resume"} <= dydiff  # DyDiff's agent
+    assert {"td3bc", "agent_compile", "sampler", "ensemble", "dydiff", "diffuser_training", "evaluation", "resume"} \
+        <= dydiff  # DyDiff's agent
     assert not {"args", "config", "main", "synthetic", "diffuser_cache"} & dydiff  # is PGD's; its loop is its own
     assert "script_flags" in sync_shared.blocks(open(os.path.join(ROOT, "compare.py")).read()).keys() & \
         sync_shared.blocks(open(os.path.join(ROOT, "sweep.py")).read()).keys()  # their grids' scripts and flags
@@ -526,6 +527,7 @@ def test_shared_blocks_have_not_drifted():
     pets = set(sync_shared.blocks(open(os.path.join(ROOT, "pets_baseline.py")).read()))
     assert {"diffuser_training", "windows"} <= toy and not {"diffuser_loading", "diffuser_cache", "synthetic"} & toy
     assert "diffuser_loading" in pets and not {"diffuser_training", "windows", "diffuser_cache", "synthetic"} & pets
+    assert not {"agent_compile", "resume"} & (toy | pets)  # no agent to compile or resume there
 
 
 # ---------------------------------------------------------------- end to end (tiny local Minari dataset)
