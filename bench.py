@@ -4,7 +4,8 @@
    features, 3 levels, ~0.7M params; windows of 32 steps x 25 channels; 256 Heun+churn steps; batch 64), guided by a
    256x256 IQL policy and unguided, eager and torch.compile'd. The first call (warm-up, compilation) is excluded from
    the rate; the compile time is reported separately (first call minus a timed call).
-2. Diffuser training steps/s at batch 64 (EDM loss, Adam, EMA), for the CPU default diffuser and the 0.7M config.
+2. Diffuser training steps/s at batch 64 (the scripts' own train_diffuser: EDM loss, Adam, EMA), eager and compiled
+   (--compile), for the CPU default diffuser and the 0.7M config.
 3. Agent updates/s at batch 256: IQL (pgd_iql) and TD3+BC (pgd_td3bc, when that script exists), the scripts' own
    agent.update, eager and compiled (--compile-agent), their ratio from one run; the matmul FLOP rate they reach.
 
@@ -162,29 +163,30 @@ class NoWriter:
         pass
 
 
-def bench_diffuser_training(b: BenchArgs, diffuser: dict, device: torch.device) -> dict:
-    """The scripts' own `train_diffuser` (EDM loss, fused Adam, warmup + cosine schedule, foreach EMA) for
-    --diffuser-train-steps steps at the script's batch size; the model build and one validation pass are included."""
+def bench_diffuser_training(b: BenchArgs, diffuser: dict, device: torch.device, compiled: bool) -> dict:
+    """Steps/s of the scripts' own `train_diffuser` (EDM loss, fused Adam, warmup + cosine schedule, foreach EMA; with
+    `compiled`, its step compiled as --compile does) at the script's batch size: each of --repeats calls trains
+    --diffuser-train-steps + 1 steps, and the rate is over the steps after the first (which holds the compilation),
+    read from the loss curve's clock (its last point includes one validation pass); the best call is reported."""
     data_dim = b.obs_dim + b.act_dim + 2
     batch = 4 if b.quick else pgd_iql.Args.diffuser_batch_size
-    args = make_args(pgd_iql, **diffuser, horizon=b.horizon, device=str(device), diffuser_steps=b.diffuser_train_steps,
+    args = make_args(pgd_iql, **diffuser, horizon=b.horizon, device=str(device), diffuser_steps=b.diffuser_train_steps + 1,
                      diffuser_batch_size=batch)
     config = {k: getattr(args, k) for k in pgd_iql.DIFFUSER_FIELDS}
     windows = torch.randn(1024, b.horizon, data_dim).numpy()
     quiet = functools.partial(pgd_iql.tqdm, disable=True)
-
-    def steps():
+    rates, first = [], []
+    for _ in range(b.repeats):
         torch.manual_seed(b.seed)
         original, pgd_iql.tqdm = pgd_iql.tqdm, quiet
         try:
-            pgd_iql.train_diffuser(config, windows, windows[:64], NoWriter(), device)
+            curve = pgd_iql.train_diffuser(config, windows, windows[:64], NoWriter(), device, compile=compiled)[2]
         finally:
             pgd_iql.tqdm = original
-
-    steps()  # warm-up
-    t = best_time(steps, b.repeats, device)
+        rates.append(b.diffuser_train_steps / (curve[-1]["seconds"] - curve[0]["seconds"]))
+        first.append(curve[0]["seconds"])
     params = sum(p.numel() for p in pgd_iql.build_denoiser(config, data_dim).parameters())
-    return dict(params=params, steps_per_s=b.diffuser_train_steps / t, batch=batch)
+    return dict(params=params, steps_per_s=max(rates), batch=batch, first_step_s=first[0])
 
 
 def bench_agent(module, b: BenchArgs, device: torch.device, compiled: bool) -> dict:
@@ -314,11 +316,17 @@ def main(b: BenchArgs):
             rows.append((name, f"{r['traj_per_s']:.3g} traj/s", detail))
             print(f"{name}: {rows[-1][1]}", flush=True)
     for label, diffuser in (("CPU default", cpu_default), ("0.7M bench", bench_diffuser)) if "diffuser" in only else ():
-        r = bench_diffuser_training(b, diffuser, device)
-        rows.append((f"diffuser training, {label}", f"{r['steps_per_s']:.3g} steps/s",
-                     f"{r['params'] / 1e6:.2f}M params, channels {diffuser['diffuser_channels']}, mults "
-                     f"{tuple(diffuser['diffuser_mults'])}, kernel {diffuser['diffuser_kernel_size']}, batch {r['batch']}"))
-        print(f"{rows[-1][0]}: {rows[-1][1]}", flush=True)
+        for mode in ("eager", "compiled"):
+            name = f"diffuser training, {label}" + (", compiled" if mode == "compiled" else "")
+            if mode == "compiled" and not compiled:
+                rows.append((name, "skipped", ""))
+                continue
+            r = bench_diffuser_training(b, diffuser, device, mode == "compiled")
+            rows.append((name, f"{r['steps_per_s']:.3g} steps/s",
+                         f"{r['params'] / 1e6:.2f}M params, channels {diffuser['diffuser_channels']}, mults "
+                         f"{tuple(diffuser['diffuser_mults'])}, kernel {diffuser['diffuser_kernel_size']}, batch "
+                         f"{r['batch']}; first step {r['first_step_s']:.1f} s" + (" (compilation)" if mode == "compiled" else "")))
+            print(f"{rows[-1][0]}: {rows[-1][1]}", flush=True)
     for label, module in (("IQL", pgd_iql), ("TD3+BC", pgd_td3bc)) if "agents" in only else ():
         if module is None:
             continue

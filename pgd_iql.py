@@ -141,7 +141,7 @@ class Args:
     sampler_bf16: bool = False
     """run the denoiser's network F in bfloat16 autocast while sampling (the EDM skip path and guidance stay float32)"""
     compile: bool = torch.cuda.is_available()
-    """torch.compile the sampler step (default: on with CUDA)"""
+    """torch.compile the sampler step and the diffuser's training step (default: on with CUDA)"""
     compile_agent: bool = True
     """torch.compile the agent's whole update (losses, gradients, Adam, target updates) into one graph per step
     method, CUDA graphs on CUDA; the same results as eager within float tolerance"""
@@ -620,13 +620,73 @@ def atomic_torch_save(obj, path: str):
 # SHARED END: diffuser
 
 
+# SHARED BEGIN: compiled_adam
+import warnings  # noqa: E402  (late imports: only the scripts that train carry this block)
+from torch.optim.adam import adam as functional_adam  # noqa: E402
+
+
+def adam_step(optimizer: torch.optim.Adam, loss: torch.Tensor):
+    """One Adam step of `loss` on the optimiser's parameters (gradients by torch.autograd.grad, so only those get any).
+    Eager: torch's Adam.step(), the same arithmetic as zero_grad/backward/step. Inside a step compiled by compile_step:
+    the functional torch.optim.adam.adam on the optimiser's own state tensors, which torch.compile captures in the
+    step's one graph (Adam.step() itself graph-breaks)."""
+    params = optimizer.param_groups[0]["params"]
+    grads = torch.autograd.grad(loss, params)
+    if not torch.compiler.is_compiling():
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return
+    group, state = optimizer.param_groups[0], [optimizer.state[p] for p in params]
+    with torch.no_grad():
+        functional_adam(params, list(grads), [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state], [],
+                        [s["step"] for s in state], foreach=True, capturable=True, amsgrad=False,
+                        beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
+                        weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+
+
+def compile_step(fn: Callable, optimizers: list[torch.optim.Optimizer], device: torch.device) -> Callable:
+    """`fn` (tensors in, tensors out; its optimiser steps by adam_step) compiled whole into one graph: forward,
+    gradients, Adam; CUDA graphs on CUDA (mode reduce-overhead). The optimisers' state is made up front (a lazily made
+    state cannot be captured), on the parameters' device where capturable Adam needs its step counters, and their
+    learning rate becomes a tensor that LR schedules fill in place (a float would be baked into the graph, and a
+    schedule would recompile it every step); state_dict() and checkpoints keep their form."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["capturable"] = True
+            group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=group["params"][0].device)
+            for p in group["params"]:
+                state = optimizer.state[p]
+                if not state:
+                    state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] = state["step"].to(p.device, torch.float32)
+    # the functional Adam never calls optimizer.step(), which an LR scheduler would take for a wrong call order
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before", category=UserWarning)
+    cuda_graphs = device.type == "cuda"
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
+
+    def call(*tensors):
+        if cuda_graphs:  # a CUDA graph's outputs live in memory its next replay reuses: mark the step, copy them
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch._dynamo.config.patch(trace_autograd_ops=True):  # tracing autograd.grad is opt-in (else a break)
+            out = compiled(*tensors)
+        return torch.utils._pytree.tree_map(torch.clone, out) if cuda_graphs else out
+    return call
+
+
+# SHARED END: compiled_adam
+
+
 # SHARED BEGIN: diffuser_training
 def train_diffuser(config: dict, windows: np.ndarray, val_windows: np.ndarray, writer: SummaryWriter,
-                   device: torch.device, known: Optional[torch.Tensor] = None) -> tuple[EDMDenoiser, Normalizer, list[dict]]:
+                   device: torch.device, known: Optional[torch.Tensor] = None,
+                   compile: bool = False) -> tuple[EDMDenoiser, Normalizer, list[dict]]:
     """EDM training with Adam (linear warmup from diffuser_warmup_start x the peak, then cosine decay to 0) as `config`
     (the DIFFUSER_FIELDS of Args) says; `known` ([horizon, channels] bool) marks entries the model is given clean
-    (edm_loss). Returns the EMA denoiser, the normaliser and the loss curve (every 500 steps: step, train_loss,
-    val_loss, seconds)."""
+    (edm_loss). `compile`: the training step (loss, gradients, Adam) compiled into one graph (compile_step; the same
+    model within float tolerance). Returns the EMA denoiser, the normaliser and the loss curve (every 500 steps: step,
+    train_loss, val_loss, seconds)."""
     normalizer = Normalizer.fit(windows).to(device)
     data = normalizer.normalize(torch.as_tensor(windows, device=device))
     val = normalizer.normalize(torch.as_tensor(val_windows, device=device))[:1024]
@@ -645,17 +705,20 @@ def train_diffuser(config: dict, windows: np.ndarray, val_windows: np.ndarray, w
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (
         start_lr + (1 - start_lr) * min(1.0, (s + 1) / warmup)) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, total - warmup)))))
+    def train_step(x0: torch.Tensor, noise: torch.Tensor, rnd_normal: torch.Tensor) -> torch.Tensor:
+        loss = edm_loss(denoiser, x0, P_mean, P_std, noise=noise, rnd_normal=rnd_normal, known=known)
+        adam_step(optimizer, loss)
+        return loss.detach()
+
+    step_fn = compile_step(train_step, [optimizer], device) if compile else train_step
     print(f"training diffuser: {sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M params, "
-          f"{len(data)} windows of {tuple(data.shape[1:])}, {total} steps")
+          f"{len(data)} windows of {tuple(data.shape[1:])}, {total} steps" + (", compiled" if compile else ""))
     start, curve = time.time(), []
     bar = tqdm(range(total), desc="diffuser", mininterval=5, file=sys.stdout)
     for step in bar:
         x0 = data[torch.randint(len(data), (batch_size,), generator=gen, device=device)]
-        loss = edm_loss(denoiser, x0, P_mean, P_std, noise=torch.randn(x0.shape, generator=gen, device=device),
-                        rnd_normal=torch.randn(batch_size, generator=gen, device=device), known=known)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = step_fn(x0, torch.randn(x0.shape, generator=gen, device=device),
+                       torch.randn(batch_size, generator=gen, device=device))
         scheduler.step()
         if (step + 1) % config["ema_every"] == 0:
             with torch.no_grad():
@@ -716,7 +779,7 @@ def get_diffuser(args: Args, dataset_id: str, windows: np.ndarray, val_windows: 
         if ckpt.get("curve"):
             plot_diffuser_curve(ckpt["curve"], writer.log_dir)
         return denoiser, normalizer
-    denoiser, normalizer, curve = train_diffuser(config, windows, val_windows, writer, device)
+    denoiser, normalizer, curve = train_diffuser(config, windows, val_windows, writer, device, compile=args.compile)
     atomic_torch_save(dict(ema=denoiser.state_dict(), mean=normalizer.mean, std=normalizer.std, config=config,
                            data_dim=windows.shape[-1], dataset_id=dataset_id, curve=curve), path)
     print(f"saved diffuser {path}")
@@ -904,31 +967,6 @@ def generate_synthetic(sampler: GuidedEDMSampler, num_transitions: int, horizon:
 
 
 # SHARED BEGIN: agent_compile
-import warnings  # noqa: E402  (the agent scripts' late imports)
-from torch.optim.adam import adam as functional_adam  # noqa: E402
-
-
-def adam_step(optimizer: torch.optim.Adam, loss: torch.Tensor):
-    """One Adam step of `loss` on the optimiser's parameters (gradients by torch.autograd.grad, so only those get any).
-    Eager: torch's Adam.step(), the same arithmetic as zero_grad/backward/step. Inside a compiled agent step
-    (--compile-agent): the functional torch.optim.adam.adam on the optimiser's own state tensors, which torch.compile
-    captures in the step's one graph (Adam.step() itself graph-breaks)."""
-    params = optimizer.param_groups[0]["params"]
-    grads = torch.autograd.grad(loss, params)
-    if not torch.compiler.is_compiling():
-        for p, g in zip(params, grads):
-            p.grad = g
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return
-    group, state = optimizer.param_groups[0], [optimizer.state[p] for p in params]
-    with torch.no_grad():
-        functional_adam(params, list(grads), [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state], [],
-                        [s["step"] for s in state], foreach=True, capturable=True, amsgrad=False,
-                        beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
-                        weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
-
-
 def resolve_compile_agent(args) -> bool:
     """Whether to compile the agent: --compile-agent, on CPU only for runs of at least --compile-agent-min-steps (the
     measured 1.3-1.4x repays the 20-30 s compilation after ~10k updates; tests and smoke runs stay eager)."""
@@ -937,33 +975,11 @@ def resolve_compile_agent(args) -> bool:
 
 def compile_agent(agent: nn.Module, device: torch.device):
     """--compile-agent: each of the agent's STEPS methods (losses, gradients, Adam, target updates) compiled into one
-    graph, with CUDA graphs on CUDA (mode reduce-overhead); the agent's update() then calls them. Adam's state is made
-    up front (a lazily made state cannot be captured), on the parameters' device where capturable Adam needs its step
-    counters, and its learning rate becomes a tensor that LR schedules fill in place (a float would be baked into the
-    graph, and a schedule would recompile it every step). Call after the agent is on `device` and resumed."""
-    for optimizer in (v for v in vars(agent).values() if isinstance(v, torch.optim.Optimizer)):
-        for group in optimizer.param_groups:
-            group["capturable"] = True
-            group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=group["params"][0].device)
-            for p in group["params"]:
-                state = optimizer.state[p]
-                if not state:
-                    state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-                state["step"] = state["step"].to(p.device, torch.float32)
-    # the functional Adam never calls optimizer.step(), which an LR scheduler would take for a wrong call order
-    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before", category=UserWarning)
-    cuda_graphs = device.type == "cuda"
+    graph (compile_step) in agent.compiled, which the agent's update() calls. Call after the agent is on `device` and
+    resumed."""
+    optimizers = [v for v in vars(agent).values() if isinstance(v, torch.optim.Optimizer)]
     for name in agent.STEPS:
-        compiled = torch.compile(getattr(agent, name), fullgraph=True, dynamic=False,
-                                 mode="reduce-overhead" if cuda_graphs else None)
-
-        def call(*tensors, _compiled=compiled):
-            if cuda_graphs:  # a CUDA graph's outputs live in memory its next replay reuses: mark the step, copy them
-                torch.compiler.cudagraph_mark_step_begin()
-            with torch._dynamo.config.patch(trace_autograd_ops=True):  # tracing autograd.grad is opt-in (else a break)
-                out = _compiled(*tensors)
-            return torch.utils._pytree.tree_map(torch.clone, out) if cuda_graphs else out
-        agent.compiled[name] = call
+        agent.compiled[name] = compile_step(getattr(agent, name), optimizers, device)
 
 
 # SHARED END: agent_compile

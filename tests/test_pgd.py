@@ -653,13 +653,17 @@ def test_bf16_network_matches_fp32_samples():
 
 
 def test_compile_flags_end_to_end(tiny_store, tmp_path):
-    """--compile and --compile-agent on a tiny model (the 100-step run is below --compile-agent-min-steps, so that is
-    lowered to 0): the whole script runs with the compiled sampler and the compiled agent update."""
-    p = run_script("pgd_iql.py", TINY + ["--compile", "--guidance-coef", "0", "--total-steps", "100", "--eval-every", "100",
+    """--compile and --compile-agent (the 100-step run is below --compile-agent-min-steps, so that is lowered to 0): the
+    whole script runs with the compiled diffuser training step, sampler and agent update (a one-level 4-channel U-Net
+    keeps the compilation short)."""
+    tiny = TINY[:TINY.index("--diffuser-channels")] + ["--diffuser-channels", "4", "--diffuser-mults", "1"] \
+        + TINY[TINY.index("--diffuser-steps"):]
+    p = run_script("pgd_iql.py", tiny + ["--compile", "--guidance-coef", "0", "--total-steps", "100", "--eval-every", "100",
                                          "--compile-agent-min-steps", "0"], tiny_store, tmp_path)
     res = results(tmp_path)[0]
     assert res["history"][-1]["step"] == 100 and res["args"]["compile_agent"] is True
     assert "with compilation" in p.stdout and res["time_breakdown"]["agent_first_updates"] == 2
+    assert "steps, compiled" in p.stdout  # the diffuser's training step
 
 
 @pytest.mark.parametrize("module", SCRIPTS, ids=["iql", "td3bc"])
@@ -699,6 +703,31 @@ def test_compiled_agent_update_matches_eager(module):
     torch.manual_seed(0)
     initial = module.make_agent(module.Args(hidden_dim=32, total_steps=12), ACT, stats)
     assert not torch.equal(compiled.actor[0].weight, initial.actor[0].weight)  # the compiled steps did train
+
+
+def test_compiled_diffuser_training_matches_eager():
+    """train_diffuser(compile=True) (--compile): loss, gradients and Adam in one graph give the eager model within
+    float tolerance, with the warmup + cosine learning rate as a tensor (one graph, no recompilation per step)."""
+    import torch._dynamo.utils
+    args = pgd_iql.preset_args("cpu", horizon=8, diffuser_channels=4, diffuser_mults=(1,), diffuser_steps=20,
+                               diffuser_batch_size=16)
+    config = {k: getattr(args, k) for k in pgd_iql.DIFFUSER_FIELDS}
+    windows = np.random.default_rng(0).normal(size=(200, 8, 5)).astype(np.float32)
+
+    class NoWriter:
+        def add_scalar(self, *a, **k):
+            pass
+
+    models = {}
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        models[compiled] = pgd_iql.train_diffuser(config, windows, windows[:20], NoWriter(), torch.device("cpu"),
+                                                  compile=compiled)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+    for k, v in models[False][0].state_dict().items():
+        torch.testing.assert_close(models[True][0].state_dict()[k], v, rtol=1e-4, atol=1e-5)
+    assert models[True][2][-1]["train_loss"] == pytest.approx(models[False][2][-1]["train_loss"], rel=1e-4)
 
 
 def test_adam_step_eager_is_backward_and_step():
