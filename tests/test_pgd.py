@@ -511,7 +511,7 @@ def test_shared_blocks_have_not_drifted():
     names = set(sync_shared.blocks(open(os.path.join(ROOT, "pgd_iql.py")).read()))
     assert {"imports", "args", "config", "validation", "dataset_ids", "minari_episodes", "datasets", "windows", "diffuser",
             "diffuser_training", "diffuser_loading", "diffuser_cache", "sampler", "synthetic", "evaluation", "run_dirs",
-            "resume", "agent_compile", "main"} <= names
+            "resume", "compiled_adam", "agent_compile", "main"} <= names
     assert names | {"td3bc"} == set(sync_shared.blocks(open(os.path.join(ROOT, "pgd_td3bc.py")).read()))
     dydiff = set(sync_shared.blocks(open(os.path.join(ROOT, "dydiff_td3bc.py")).read()))
     assert {"td3bc", "agent_compile", "sampler", "ensemble", "dydiff", "diffuser_training", "evaluation", "resume"} \
@@ -525,7 +525,7 @@ def test_shared_blocks_have_not_drifted():
     # loads but never trains one; neither makes an agent's synthetic set
     toy = set(sync_shared.blocks(open(os.path.join(ROOT, "toy2d.py")).read()))
     pets = set(sync_shared.blocks(open(os.path.join(ROOT, "pets_baseline.py")).read()))
-    assert {"diffuser_training", "windows"} <= toy and not {"diffuser_loading", "diffuser_cache", "synthetic"} & toy
+    assert {"diffuser_training", "compiled_adam", "windows"} <= toy and not {"diffuser_loading", "diffuser_cache", "synthetic"} & toy
     assert "diffuser_loading" in pets and not {"diffuser_training", "windows", "diffuser_cache", "synthetic"} & pets
     assert not {"agent_compile", "resume"} & (toy | pets)  # no agent to compile or resume there
 
