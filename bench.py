@@ -175,7 +175,7 @@ def bench_diffuser_training(b: BenchArgs, diffuser: dict, device: torch.device, 
     config = {k: getattr(args, k) for k in pgd_iql.DIFFUSER_FIELDS}
     windows = torch.randn(1024, b.horizon, data_dim).numpy()
     quiet = functools.partial(pgd_iql.tqdm, disable=True)
-    rates, first = [], []
+    rates = []
     for _ in range(b.repeats):
         torch.manual_seed(b.seed)
         original, pgd_iql.tqdm = pgd_iql.tqdm, quiet
@@ -183,10 +183,11 @@ def bench_diffuser_training(b: BenchArgs, diffuser: dict, device: torch.device, 
             curve = pgd_iql.train_diffuser(config, windows, windows[:64], NoWriter(), device, compile=compiled)[2]
         finally:
             pgd_iql.tqdm = original
+        if not rates:
+            first_step_s = curve[0]["seconds"]  # the first call's (the one that compiles, with `compiled`)
         rates.append(b.diffuser_train_steps / (curve[-1]["seconds"] - curve[0]["seconds"]))
-        first.append(curve[0]["seconds"])
     params = sum(p.numel() for p in pgd_iql.build_denoiser(config, data_dim).parameters())
-    return dict(params=params, steps_per_s=max(rates), batch=batch, first_step_s=first[0])
+    return dict(params=params, steps_per_s=max(rates), batch=batch, first_step_s=first_step_s)
 
 
 def bench_agent(module, b: BenchArgs, device: torch.device, compiled: bool) -> dict:
@@ -330,7 +331,7 @@ def main(b: BenchArgs):
     for label, module in (("IQL", pgd_iql), ("TD3+BC", pgd_td3bc)) if "agents" in only else ():
         if module is None:
             continue
-        r = bench_agent(module, b, device, compiled and hasattr(module, "compile_agent"))
+        r = bench_agent(module, b, device, compiled)
         for mode in ("eager", "compiled"):
             if f"{mode}_updates_per_s" not in r:
                 rows.append((f"agent updates, {label}, {mode}", "skipped", ""))

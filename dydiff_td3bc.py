@@ -211,7 +211,8 @@ RANGES = dict(horizon="[2, inf)", window_stride="[1, inf)", val_fraction="[0, 1)
               num_elites="[1, inf)", dynamics_hidden="[1, inf)", dynamics_layers="[1, inf)", dynamics_lr="(0, inf)",
               dynamics_weight_decay="[0, inf)", dynamics_batch_size="[1, inf)", dynamics_steps="[1, inf)",
               dynamics_eval_every="[1, inf)", dynamics_patience="[1, inf)", dynamics_val_fraction="[0, 1)",
-              dynamics_max_holdout="[1, inf)", logvar_loss_coef="[0, inf)", iterations="[0, inf)", checkpoint_every="[0, inf)", compile_agent_min_steps="[0, inf)",
+              dynamics_max_holdout="[1, inf)", logvar_loss_coef="[0, inf)", iterations="[0, inf)", checkpoint_every="[0, inf)",
+              compile_agent_min_steps="[0, inf)",
               rollout_batch="[1, inf)", rollout_every="[1, inf)", keep_fraction="(0, 1]", buffer_size="[1, inf)",
               sample_batch_size="[1, inf)", total_steps="[1, inf)", batch_size="[1, inf)", real_ratio="[0, 1]",
               eval_every="[1, inf)", eval_episodes="[1, inf)", log_every="[1, inf)", gamma="[0, 1]", tau="(0, 1]",
@@ -1579,9 +1580,10 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optiona
             synthetic = buffer.sample(use_synthetic)
             batch = {k: torch.cat([batch[k], synthetic[k]]) for k in batch}
         losses = agent.update(batch)
-        timing["agent_updates_s"] += time.time() - t0
+        seconds = time.time() - t0
+        timing["agent_updates_s"] += seconds
         if step < first_step + 2:  # this process's first two updates: the compilation, with --compile-agent
-            timing["agent_first_updates_s"] += time.time() - t0
+            timing["agent_first_updates_s"] += seconds
             timing["agent_first_updates"] += 1
 
         # TRY NOT TO MODIFY: logging and evaluation

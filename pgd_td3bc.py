@@ -1400,9 +1400,10 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optiona
             sidx = torch.randint(len(synthetic["obs"]), (n_synthetic,), device=device)
             batch = {k: torch.cat([batch[k], synthetic[k][sidx]]) for k in batch}
         losses = agent.update(batch)
-        timing["agent_updates_s"] += time.time() - t0
+        seconds = time.time() - t0
+        timing["agent_updates_s"] += seconds
         if step < first_step + 2:  # this process's first two updates: the compilation, with --compile-agent
-            timing["agent_first_updates_s"] += time.time() - t0
+            timing["agent_first_updates_s"] += seconds
             timing["agent_first_updates"] += 1
 
         # TRY NOT TO MODIFY: logging and evaluation
