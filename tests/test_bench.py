@@ -53,3 +53,15 @@ def test_bench_compiled_agents_row_and_ratio():
     for agent in ("IQL", "TD3\\+BC"):
         row = re.search(rf"\| agent updates, {agent}, compiled \| ([\d.]+) updates/s \|.*; ([\d.]+)x eager", out.stdout)
         assert row and float(row.group(1)) > 0 and float(row.group(2)) > 0, out.stdout
+
+
+def test_official_jax_bench_bad_inputs_one_line():
+    """tools/bench_official_jax.py (run in its own JAX venv) refuses a path that is not the official checkout, and
+    non-positive sizes, with one line and no traceback, before it imports JAX (so this runs without JAX)."""
+    tool = os.path.join(ROOT, "tools", "bench_official_jax.py")
+    for extra, words in ((["--pgd-repo", ROOT], "not a checkout of EmptyJackson/policy-guided-diffusion"),
+                         (["--pgd-repo", ROOT, "--steps", "0"], "--steps must be positive")):
+        out = subprocess.run([sys.executable, tool, *extra], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0
+        assert words in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr

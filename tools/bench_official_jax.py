@@ -40,6 +40,9 @@ def parse_args():
 
 def main():
     args = parse_args()
+    for name in ("features", "blocks", "steps", "batch", "horizon", "obs_dim", "act_dim", "repeats"):
+        if getattr(args, name) <= 0:
+            sys.exit(f"error: --{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
     if args.threads == 1:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
