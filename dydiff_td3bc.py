@@ -1538,6 +1538,7 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optiona
         if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         history, generations, first_step, elapsed = ckpt["history"], ckpt["generations"], ckpt["step"] + 1, ckpt["agent_time_s"]
+        run_start -= ckpt.get("wall_time_s", 0.0)  # wall_time_s counts the earlier sittings (up to the checkpoint)
         timing.update({k: v for k, v in ckpt["timing"].items() if k != "data_loading_s"})
         print(f"resumed {run_dir} at step {first_step}")
     if args.compile_agent:
@@ -1549,7 +1550,8 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optiona
                                state_model=state_model, generator=gen.get_state(), torch_rng=torch.get_rng_state(),
                                cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                                history=history, generations=generations, agent_time_s=elapsed + time.time() - start,
-                               timing=timing, args=dataclasses.asdict(args)), checkpoint_path)
+                               wall_time_s=time.time() - run_start, timing=timing, args=dataclasses.asdict(args)),
+                          checkpoint_path)
 
     # ALGO LOGIC: training loop
     stop["armed"] = True

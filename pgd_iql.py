@@ -1346,6 +1346,7 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optiona
         if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         history, first_step, elapsed = ckpt["history"], ckpt["step"] + 1, ckpt["agent_time_s"]
+        run_start -= ckpt.get("wall_time_s", 0.0)  # wall_time_s counts the earlier sittings (up to the checkpoint)
         timing.update({k: v for k, v in ckpt["timing"].items() if k not in ("data_loading_s", "diffuser_s")})
         print(f"resumed {run_dir} at step {first_step}")
     if args.compile_agent:
@@ -1355,8 +1356,9 @@ def train(args: Args, dataset, episodes: list[dict], run_dir: str, ckpt: Optiona
         atomic_torch_save(dict(step=step, agent=agent.state_dict(), training_state=training_state(agent),
                                synthetic=synthetic, generator=gen.get_state(), torch_rng=torch.get_rng_state(),
                                cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                               history=history, agent_time_s=elapsed + time.time() - start, timing=timing,
-                               args=dataclasses.asdict(args)), checkpoint_path)
+                               history=history, agent_time_s=elapsed + time.time() - start,
+                               wall_time_s=time.time() - run_start, timing=timing, args=dataclasses.asdict(args)),
+                          checkpoint_path)
 
     for key in ("agent_updates_s", "agent_first_updates_s", "evaluation_s", "agent_first_updates"):
         timing.setdefault(key, 0)

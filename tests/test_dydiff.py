@@ -253,14 +253,19 @@ def test_sigterm_then_resume_gives_the_uninterrupted_numbers(tiny_store, tmp_pat
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 128 + signal.SIGTERM and "continue with --resume" in out, out[-3000:]
     (cut,) = root.iterdir()
-    step = torch.load(cut / "checkpoint.pt", weights_only=True)["step"]
-    assert 50 <= step < 400 and not (cut / "results.json").exists()
+    ckpt = torch.load(cut / "checkpoint.pt", weights_only=True)
+    step = ckpt["step"]
+    assert 50 <= step < 400 and not (cut / "results.json").exists() and ckpt["wall_time_s"] > 0
+    torch.save({**ckpt, "wall_time_s": 1000.0}, cut / "checkpoint.pt")  # as if the first sitting had taken 1000 s
 
+    t0 = time.time()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    sitting = time.time() - t0
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert f"resumed {cut} at step {step + 1}" in p.stdout and "training diffuser" not in p.stdout
     resumed = json.loads((cut / "results.json").read_text())
     assert resumed["history"] == expected["history"] and resumed["resumed_from_step"] == step
+    assert 1000 < resumed["wall_time_s"] <= 1000 + sitting  # the earlier sitting's wall time is counted
     same = ("step", "kept", "transitions", "action_log_prob")
     assert [{k: g[k] for k in same} for g in resumed["time_breakdown"]["regenerations"]] == \
         [{k: g[k] for k in same} for g in expected["time_breakdown"]["regenerations"]]

@@ -813,15 +813,20 @@ def test_sigterm_then_resume_gives_the_uninterrupted_numbers(script, tiny_store,
     assert "continue with --resume" in out
     (cut,) = (root / "runs").iterdir()
     assert (cut / "checkpoint.pt").exists() and not (cut / "results.json").exists()
-    step = torch.load(cut / "checkpoint.pt", weights_only=True)["step"]
-    assert 50 <= step < 600
+    ckpt = torch.load(cut / "checkpoint.pt", weights_only=True)
+    step = ckpt["step"]
+    assert 50 <= step < 600 and ckpt["wall_time_s"] > 0
+    torch.save({**ckpt, "wall_time_s": 1000.0}, cut / "checkpoint.pt")  # as if the first sitting had taken 1000 s
 
+    t0 = time.time()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    sitting = time.time() - t0
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert f"resumed {cut} at step {step + 1}" in p.stdout
     resumed = json.loads((cut / "results.json").read_text())
     assert resumed["history"] == expected["history"] and resumed["last_score"] == expected["last_score"]
     assert resumed["resumed_from_step"] == step and not (cut / "checkpoint.pt").exists()
+    assert 1000 < resumed["wall_time_s"] <= 1000 + sitting  # the earlier sitting's wall time is counted
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)  # finished: reported, not rerun
     assert again.returncode == 0 and "finished already" in again.stdout and len(list((root / "runs").iterdir())) == 1
 
