@@ -61,11 +61,41 @@ def test_probe_numbers_on_a_built_agent():
     blind = run_probe(agent, obs, actions)
     assert blind["q_drop_off"] == pytest.approx(0, abs=1e-6) and blind["q_pull"] == pytest.approx(0, abs=1e-8)
     assert 0 <= base["saturated"] <= 1
+    # on a synthetic set: zero when its actions are the policy's, the squared distance and BC pull when shifted
+    synth = dict(obs=obs, actions=agent.act(obs).detach())
+    assert probe_tool.probe_synthetic(agent, synth, 100) == {"pi_synth_sq": 0.0, "bc_pull_synth": 0.0}
+    shifted = probe_tool.probe_synthetic(agent, dict(obs=obs, actions=synth["actions"] - 0.2), 100)
+    assert shifted["pi_synth_sq"] == pytest.approx(3 * 0.04, rel=1e-4)
+    assert shifted["bc_pull_synth"] == pytest.approx(2 * (3 * 0.04) ** 0.5 / 3, rel=1e-4)
 
 
 def cli(*args):
     return subprocess.run([sys.executable, PROBE, *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_probe_reads_a_run_checkpoint_with_its_synthetic_set(tiny_store, tmp_path, monkeypatch):
+    """A checkpoint.pt as --checkpoint-every writes it (the last one, at step 100 of 200, kept here: the run's final
+    removal is skipped), probed as a file: its step, score and synthetic-set columns."""
+    from test_pgd import TINY
+    real_remove = os.remove
+    monkeypatch.setattr(os, "remove", lambda p: None if str(p).endswith("checkpoint.pt") else real_remove(p))
+    pgd_td3bc.main(pgd_td3bc.parse_args(TINY + ["--checkpoint-every", "100", "--runs-root", str(tmp_path / "runs"),
+                                                "--diffuser-cache-dir", str(tmp_path / "diffusers")]))
+    (ckpt,) = (tmp_path / "runs").glob("*/checkpoint.pt")
+    agent, info = probe_tool.load_run(str(ckpt))
+    assert info["step"] == 100 and info["env_id"] == "hopper-medium-replay" and len(info["synthetic"]["obs"]) == 1000
+    run_results = json.loads((ckpt.parent / "results.json").read_text())
+    assert info["last_score"] == run_results["history"][0]["score_mean"]  # the score at the checkpoint's step
+    assert torch.equal(agent.actor[0].weight, torch.load(ckpt)["agent"]["actor.0.weight"])
+    out = tmp_path / "probe.json"
+    p = cli(str(ckpt), "--states", "200", "--out", str(out))
+    assert p.returncode == 0, p.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["runs"]
+    assert row["step"] == 100 and row["pi_synth_sq"] > 0 and "pi_synth_sq" in p.stdout and "step 100" in p.stdout
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    bad = cli(str(tmp_path / "bad.pt"))
+    assert bad.returncode != 0 and "cannot read the run checkpoint" in bad.stderr and len(bad.stderr.splitlines()) == 1
 
 
 def test_probe_cli_on_a_tiny_trained_run(tiny_store, tmp_path):
@@ -83,6 +113,7 @@ def test_probe_cli_on_a_tiny_trained_run(tiny_store, tmp_path):
     rows = json.loads(out.read_text())
     assert rows["states"] == 300 and [r["name"] for r in rows["runs"]] == ["a", "b"]
     assert rows["runs"][0] == {**rows["runs"][1], "name": "a"}  # the same run probed twice gives the same numbers
+    assert rows["runs"][0]["step"] == 100 and "pi_synth_sq" not in rows["runs"][0]  # a run dir keeps no synthetic set
     # bad inputs: one line, non-zero exit, nothing written
     (tmp_path / "iql").mkdir()
     (tmp_path / "iql" / "results.json").write_text(json.dumps({"args": {"expectile": 0.7}, "env_id": "x"}))
@@ -90,7 +121,7 @@ def test_probe_cli_on_a_tiny_trained_run(tiny_store, tmp_path):
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "results.json").write_text("{")
     (tmp_path / "corrupt" / "agent.pt").write_bytes(b"garbage")
-    for args, words in [([str(tmp_path / "nothing")], "--save-model"), ([str(tmp_path / "iql")], "not a pgd_td3bc.py"),
+    for args, words in [([str(tmp_path / "nothing")], "--save-model"), ([str(tmp_path / "iql")], "not of a pgd_td3bc.py run"),
                         ([str(tmp_path / "corrupt")], "cannot read"), ([str(run), "--names", "a", "b"], "one each"),
                         ([str(run), "--states", "0"], "must be positive"),
                         ([str(run), "--out", str(tmp_path / "no" / "dir" / "x.json")], "writable --out")]:
