@@ -187,7 +187,8 @@ def mechanism(r: dict) -> dict:
 
 def tabulate(args: Args, results: dict) -> str:
     """The score table (mean +- standard error over seeds) and the mechanism table."""
-    lines = ["| agent | data | last score | best score | wall time (min) | seeds |", "|---|---|---|---|---|---|"]
+    lines = ["| agent | data | last score | best score | mean of last 5 evals | episode std at the end | last score by seed "
+             "| wall time (min) | seeds |", "|---|---|---|---|---|---|---|---|---|"]
     mech = ["| agent | data | log pi(a_syn) | log pi(a_real) | Q real | Q synthetic |", "|---|---|---|---|---|---|"]
     fmt = lambda m, se: f"{m:.1f} +- {se:.1f}"  # noqa: E731
     for s in args.scripts:
@@ -196,14 +197,18 @@ def tabulate(args: Args, results: dict) -> str:
             if not rs:
                 continue
             last, best = mean_se([r["last_score"] for r in rs]), mean_se([r["best_score"] for r in rs])
-            lines.append(f"| {s[:-3]} | {v} | {fmt(*last)} | {fmt(*best)} | "
+            last5 = mean_se([np.mean([h["score_mean"] for h in r["history"][-5:]]) for r in rs])
+            spread = np.mean([r["history"][-1].get("score_std", np.nan) for r in rs])  # across the last evaluation's episodes
+            by_seed = ", ".join(f"{r['last_score']:.1f}" for r in rs)
+            lines.append(f"| {s[:-3]} | {v} | {fmt(*last)} | {fmt(*best)} | {fmt(*last5)} | {spread:.1f} | {by_seed} | "
                          f"{np.mean([r['wall_time_s'] for r in rs]) / 60:.1f} | {len(rs)} |")
             ms = [mechanism(r) for r in rs]
             cell = lambda k, d=2: ("{:.{d}f} +- {:.{d}f}".format(*mean_se([m[k] for m in ms]), d=d)  # noqa: E731
                                    if all(np.isfinite(m.get(k, np.nan)) for m in ms) else "-")
             mech.append(f"| {s[:-3]} | {v} | {cell('logp_synthetic', 3)} | {cell('logp_real', 3)} | {cell('q_real')} | "
                         f"{cell('q_synthetic')} |")
-    return ("\n".join(lines) + "\n\nMechanism (mean +- standard error over seeds): action log-likelihood under the "
+    return ("\n".join(lines) + "\n\n(Scores: mean +- standard error over seeds; the episode std is the spread of the last "
+            "evaluation's episodes, averaged over seeds: a large one marks an unstable policy.)\n\nMechanism (mean +- standard error over seeds): action log-likelihood under the "
             "current policy of the synthetic sets after the first (made at step 1, before any learning) and of the real data at the same "
             "moments; the critics' mean min(Q1, Q2) on 4096 real and 4096 synthetic transitions at the last evaluation.\n\n"
             + "\n".join(mech))

@@ -883,3 +883,18 @@ def test_compare_runs_the_grid_then_reports_mean_and_standard_error(tiny_store, 
     typo = subprocess.run(cmd[:-2] + ["--no-such-flag", "1"], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert typo.returncode != 0 and "--no-such-flag" in typo.stderr and "Traceback" not in typo.stderr
     assert f"| pgd_td3bc | guided | {np.mean(last):.1f} +- {se:.1f} |" in again.stdout
+
+
+def test_compare_table_columns_last5_spread_and_seeds():
+    """compare.py's score table: last and best (mean +- standard error), the mean of each run's last 5 evaluations,
+    the last evaluation's episode spread averaged over seeds, and each seed's last score."""
+    import compare
+    def run(scores, stds):
+        history = [dict(step=i + 1, score_mean=m, score_std=s) for i, (m, s) in enumerate(zip(scores, stds))]
+        return dict(last_score=scores[-1], best_score=max(scores), history=history, wall_time_s=600.0)
+    results = {("pgd_td3bc.py", "guided", 1): run([0, 0, 10, 20, 30, 40, 50], [9, 9, 9, 9, 9, 9, 2]),
+               ("pgd_td3bc.py", "guided", 2): run([0, 0, 0, 0, 0, 35, 30], [1, 1, 1, 1, 1, 1, 4])}
+    args = compare.Args(scripts=("pgd_td3bc.py",), variants=("guided",), seeds=(1, 2))
+    row = next(line for line in compare.tabulate(args, results).splitlines() if line.startswith("| pgd_td3bc | guided"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:] == ["40.0 +- 10.0", "42.5 +- 7.5", "21.5 +- 8.5", "3.0", "50.0, 30.0", "10.0", "2"]
