@@ -208,7 +208,8 @@ def tabulate(args: Args, results: dict) -> str:
             mech.append(f"| {s[:-3]} | {v} | {cell('logp_synthetic', 3)} | {cell('logp_real', 3)} | {cell('q_real')} | "
                         f"{cell('q_synthetic')} |")
     return ("\n".join(lines) + "\n\n(Scores: mean +- standard error over seeds; the episode std is the spread of the last "
-            "evaluation's episodes, averaged over seeds: a large one marks an unstable policy.)\n\nMechanism (mean +- standard error over seeds): action log-likelihood under the "
+            "evaluation's episodes, averaged over seeds: a large one marks an unstable policy.)\n\n"
+            "Mechanism (mean +- standard error over seeds): action log-likelihood under the "
             "current policy of the synthetic sets after the first (made at step 1, before any learning) and of the real data at the same "
             "moments; the critics' mean min(Q1, Q2) on 4096 real and 4096 synthetic transitions at the last evaluation.\n\n"
             + "\n".join(mech))

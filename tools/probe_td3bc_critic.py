@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run_dirs", nargs="+", help="run dirs of pgd_td3bc.py --save-model runs (agent.pt, results.json) "
                                                "or run checkpoints (checkpoint.pt)")
-    p.add_argument("--names", nargs="+", default=None, help="a label per run dir (default: its exp_name and seed)")
+    p.add_argument("--names", nargs="+", default=None, help="a label per run (default: its exp_name, seed and step)")
     p.add_argument("--states", type=int, default=4096, help="real states to probe on")
     p.add_argument("--noise", type=float, default=0.3, help="std of the off-policy action perturbation")
     p.add_argument("--out", default=None, help="also write the numbers as JSON here (atomically)")
@@ -91,6 +91,12 @@ def load_run(path: str) -> tuple[pgd_td3bc.Agent, dict]:
     return agent.eval(), info
 
 
+def gap_stats(gap: torch.Tensor) -> tuple[float, float]:
+    """For policy-minus-batch action gaps [N, act_dim]: mean squared distance, and mean BC pull 2 ||gap|| / act_dim
+    (the per-sample gradient of TD3+BC's mean-squared BC loss)."""
+    return float((gap ** 2).sum(-1).mean()), float((2 * gap.norm(dim=-1) / gap.shape[-1]).mean())
+
+
 def probe(agent: pgd_td3bc.Agent, obs: torch.Tensor, actions: torch.Tensor, noise: float,
           generator: torch.Generator) -> dict:
     """The METRICS of `agent` on real states `obs` with data actions `actions` (env units)."""
@@ -105,10 +111,9 @@ def probe(agent: pgd_td3bc.Agent, obs: torch.Tensor, actions: torch.Tensor, nois
         off = (pi + noise * torch.randn(pi.shape, generator=generator)).clamp(-1, 1)
         sa_off = torch.cat([s, off], -1)
         q1_off, q2_off = agent.q1(sa_off).squeeze(-1), agent.q2(sa_off).squeeze(-1)
-    act_dim = pi.shape[-1]
-    return dict(q_pull=float(agent.alpha / scale * g1.norm(dim=-1).mean()),
-                bc_pull_real=float((2 * (pi - actions).norm(dim=-1) / act_dim).mean()),
-                pi_data_sq=float(((pi - actions) ** 2).sum(-1).mean()),
+    pi_data_sq, bc_pull_real = gap_stats(pi - actions)
+    return dict(q_pull=float(agent.alpha / scale * g1.norm(dim=-1).mean()), bc_pull_real=bc_pull_real,
+                pi_data_sq=pi_data_sq,
                 twin_cos=float(torch.nn.functional.cosine_similarity(g1, g2, dim=-1, eps=1e-12).mean()),
                 twin_gap_pi=float((q1 - q2).abs().mean() / scale),
                 twin_gap_off=float((q1_off - q2_off).abs().mean() / scale),
@@ -119,9 +124,8 @@ def probe(agent: pgd_td3bc.Agent, obs: torch.Tensor, actions: torch.Tensor, nois
 @torch.no_grad()
 def probe_synthetic(agent: pgd_td3bc.Agent, synthetic: dict, n: int) -> dict:
     """SYNTH_METRICS of `agent` on the first `n` transitions of a synthetic set (env units)."""
-    gap = agent.act(synthetic["obs"][:n].float()) - synthetic["actions"][:n].float()
-    return dict(pi_synth_sq=float((gap ** 2).sum(-1).mean()),
-                bc_pull_synth=float((2 * gap.norm(dim=-1) / gap.shape[-1]).mean()))
+    sq, pull = gap_stats(agent.act(synthetic["obs"][:n].float()) - synthetic["actions"][:n].float())
+    return dict(pi_synth_sq=sq, bc_pull_synth=pull)
 
 
 def real_states(env_id: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
