@@ -16,6 +16,7 @@ Rates are the best of `--repeats` timed runs (the machine may be shared; the loa
 import dataclasses
 import functools
 import importlib
+import math
 import os
 import platform
 import sys
@@ -81,6 +82,15 @@ def make_args(module, **overrides):
     """module.Args with the overrides that exist in this version of the script (others are ignored)."""
     names = {f.name for f in dataclasses.fields(module.Args)}
     return module.Args(**{k: v for k, v in overrides.items() if k in names})
+
+
+def sig3(x: float) -> str:
+    """x to 3 significant figures in plain notation (1070, 2.18, 0.0568), never 1.07e+03: the table is read by people
+    and parsed by the tests."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    digits = max(0, 2 - math.floor(math.log10(abs(x))))
+    return f"{round(x, digits):.{digits}f}"
 
 
 def sync(device: torch.device):
@@ -299,7 +309,7 @@ def main(b: BenchArgs):
     n = 8 if b.quick else 256
     peak = matmul_rate(n, b, device) if only & {"sampler", "agents"} else None
     if peak:
-        rows.append((f"matmul {n}x{n}x{n}, float32", f"{peak / 1e9:.3g} GFLOP/s", "torch.mm, the agents' layer shape"))
+        rows.append((f"matmul {n}x{n}x{n}, float32", f"{sig3(peak / 1e9)} GFLOP/s", "torch.mm, the agents' layer shape"))
         print(f"{rows[-1][0]}: {rows[-1][1]}", flush=True)
     for guided, bf16 in variants:
         for mode in ("eager", "compiled"):
@@ -310,11 +320,11 @@ def main(b: BenchArgs):
             r = bench_sampler(b, bench_diffuser, guided, mode == "compiled", device, bf16)
             detail = (f"{r['params'] / 1e6:.2f}M params, {b.sampler_steps} steps, batch {b.sampler_batch} x "
                       f"{b.horizon} x {b.obs_dim + b.act_dim + 2}: {r['batch_s']:.2f} s/batch, "
-                      f"{r['eval_ms']:.2f} ms/denoiser eval (incl. guidance), {r['flops_per_s'] / 1e9:.3g} GFLOP/s "
+                      f"{r['eval_ms']:.2f} ms/denoiser eval (incl. guidance), {sig3(r['flops_per_s'] / 1e9)} GFLOP/s "
                       f"of the network = {100 * r['flops_per_s'] / peak:.0f}% of the plain matmul's rate")
             if r["compile_s"] is not None:
                 detail += f", compile {r['compile_s']:.0f} s"
-            rows.append((name, f"{r['traj_per_s']:.3g} traj/s", detail))
+            rows.append((name, f"{sig3(r['traj_per_s'])} traj/s", detail))
             print(f"{name}: {rows[-1][1]}", flush=True)
     for label, diffuser in (("CPU default", cpu_default), ("0.7M bench", bench_diffuser)) if "diffuser" in only else ():
         for mode in ("eager", "compiled"):
@@ -323,7 +333,7 @@ def main(b: BenchArgs):
                 rows.append((name, "skipped", ""))
                 continue
             r = bench_diffuser_training(b, diffuser, device, mode == "compiled")
-            rows.append((name, f"{r['steps_per_s']:.3g} steps/s",
+            rows.append((name, f"{sig3(r['steps_per_s'])} steps/s",
                          f"{r['params'] / 1e6:.2f}M params, channels {diffuser['diffuser_channels']}, mults "
                          f"{tuple(diffuser['diffuser_mults'])}, kernel {diffuser['diffuser_kernel_size']}, batch "
                          f"{r['batch']}; first step {r['first_step_s']:.1f} s" + (" (compilation)" if mode == "compiled" else "")))
@@ -338,12 +348,12 @@ def main(b: BenchArgs):
                 continue
             rate = r[f"{mode}_updates_per_s"]
             achieved = r["flops"] * rate
-            detail = (f"batch {r['batch']}; {r['flops'] / 1e6:.0f} MFLOP of matmuls per update, {achieved / 1e9:.3g} "
+            detail = (f"batch {r['batch']}; {r['flops'] / 1e6:.0f} MFLOP of matmuls per update, {sig3(achieved / 1e9)} "
                       f"GFLOP/s = {100 * achieved / peak:.0f}% of the plain matmul's rate")
             if mode == "compiled":
                 detail += (f"; {rate / r['eager_updates_per_s']:.2f}x eager (same run, alternating repeats), "
                            f"compile {r['compiled_warmup_s'] - r['eager_warmup_s']:.0f} s")
-            rows.append((f"agent updates, {label}, {mode}", f"{rate:.3g} updates/s", detail))
+            rows.append((f"agent updates, {label}, {mode}", f"{sig3(rate)} updates/s", detail))
             print(f"{rows[-1][0]}: {rows[-1][1]} ({rows[-1][2]})", flush=True)
 
     print(f"\n## PGD benchmark{' (--quick: smoke test, not a measurement)' if b.quick else ''}\n")

@@ -55,6 +55,17 @@ def test_bench_compiled_agents_row_and_ratio():
         assert row and float(row.group(1)) > 0 and float(row.group(2)) > 0, out.stdout
 
 
+def test_rates_are_written_in_plain_notation():
+    """The table's rates are 3 significant figures without exponent notation: a fast machine's 1,070 updates/s once
+    printed as 1.07e+03 and broke the table's readers (the compiled-row regex above)."""
+    sys.path.insert(0, ROOT)
+    import bench
+    cases = {1070.4: "1070", 12345.6: "12346", 779.2: "779", 2.184: "2.18", 13.8: "13.8", 0.05683: "0.0568", 0.0: "0"}
+    for x, want in cases.items():
+        assert bench.sig3(x) == want, (x, bench.sig3(x))
+    assert re.fullmatch(r"[\d.]+", bench.sig3(2.5e6))
+
+
 def test_official_jax_bench_bad_inputs_one_line():
     """tools/bench_official_jax.py (run in its own JAX venv) refuses a path that is not the official checkout, and
     non-positive sizes, with one line and no traceback, before it imports JAX (so this runs without JAX)."""
