@@ -89,8 +89,8 @@ def sig3(x: float) -> str:
     and parsed by the tests."""
     if x == 0 or not math.isfinite(x):
         return f"{x:g}"
-    digits = max(0, 2 - math.floor(math.log10(abs(x))))
-    return f"{round(x, digits):.{digits}f}"
+    x = float(f"{x:.3g}")  # round first, so 99.96 becomes 100, not 100.0
+    return f"{x:.{max(0, 2 - math.floor(math.log10(abs(x))))}f}"
 
 
 def sync(device: torch.device):
